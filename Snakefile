@@ -1,0 +1,18 @@
+# BLOCK-EM workflow. Run the embedded default with `snakemake --cores 2`; see README.md.
+# Every rule calls the package through `python -m blockem <stage>`; the config is validated
+# against workflow/schemas/config.schema.yaml before any job starts.
+
+import os
+
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/organism.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    input:
+        summary_outputs(),
+    default_target: True

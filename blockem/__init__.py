@@ -1,0 +1,3 @@
+"""BLOCK-EM reference pipeline."""
+
+__version__ = "0.1.0"

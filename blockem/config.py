@@ -1,0 +1,154 @@
+"""Configuration: schema validation with one clear error, merging, and stage settings.
+
+The workflow's config is validated against `workflow/schemas/config.schema.yaml` before any job
+starts (the Snakefile calls `validate`). Each stage then receives only the part of the config it
+depends on (`stage_settings`), as JSON on its command line, so Snakemake's params trigger reruns
+exactly the jobs whose settings changed, and the hash of those settings is the output's
+`config_hash` in its provenance.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA_PATH = REPO / "workflow" / "schemas" / "config.schema.yaml"
+DEFAULT_CONFIG = REPO / "config" / "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and the key path in the message."""
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Recursive merge as Snakemake does for several --configfile: mappings merge, the rest replaces."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_config(*paths: str | Path) -> dict:
+    """Load and merge config files (later ones override), then validate."""
+    cfg: dict = {}
+    for p in paths or (DEFAULT_CONFIG,):
+        cfg = merge(cfg, load_yaml(p))
+    validate(cfg, source=", ".join(str(p) for p in paths or (DEFAULT_CONFIG,)))
+    return cfg
+
+
+def _key_path(parts) -> str:
+    return ".".join(str(p) for p in parts) or "<top level>"
+
+
+def validate(cfg: dict, source: str = "config") -> None:
+    """Raise ConfigError with one message naming the offending key path, or return None."""
+    import jsonschema
+
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = list(validator.iter_errors(cfg))
+    if not errors:
+        _check_semantics(cfg, source)
+        return
+    err = jsonschema.exceptions.best_match(errors)
+    # descend into allOf/propertyNames so the message names the leaf problem
+    while err.context:
+        err = jsonschema.exceptions.best_match(err.context)
+    bad_name = "propertyNames" in err.absolute_schema_path
+    path = list(err.absolute_path)
+    if bad_name:
+        raise ConfigError(f"{source}: key '{_key_path(path + [err.instance])}' is not allowed: "
+                          f"{err.message}")
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed))
+        key = _key_path(path + [extra[0]])
+        raise ConfigError(f"{source}: unknown key '{key}' (allowed here: {', '.join(allowed)})")
+    if err.validator == "required":
+        raise ConfigError(f"{source}: missing key at '{_key_path(path)}': {err.message}")
+    raise ConfigError(f"{source}: '{_key_path(path)}': {err.message}")
+
+
+def _check_semantics(cfg: dict, source: str) -> None:
+    """Constraints a JSON schema cannot say."""
+    slots = cfg["world"]["slots"]
+    seen: dict[int, str] = {}
+    for split, values in slots.items():
+        for v in values:
+            if v in seen:
+                raise ConfigError(f"{source}: 'world.slots': slot {v} is in both "
+                                  f"'{seen[v]}' and '{split}'; prompt sets must be disjoint")
+            seen[v] = split
+    lo, hi = cfg["world"]["turns"]
+    if lo > hi:
+        raise ConfigError(f"{source}: 'world.turns': minimum {lo} is larger than maximum {hi}")
+    mix = cfg["world"]["persona_mix"]
+    if sum(mix.values()) <= 0:
+        raise ConfigError(f"{source}: 'world.persona_mix': weights must not all be zero")
+    for d in cfg["finetune"]["domains"]:
+        if d not in cfg["world"]["advice_domains"]:
+            raise ConfigError(f"{source}: 'finetune.domains': '{d}' is not in world.advice_domains")
+    m = cfg["model"]
+    if m["hidden_size"] % m["num_heads"]:
+        raise ConfigError(f"{source}: 'model.hidden_size' ({m['hidden_size']}) must be a "
+                          f"multiple of 'model.num_heads' ({m['num_heads']})")
+
+
+def finetune_settings(cfg: dict, domain: str) -> dict:
+    """The fine-tune settings of one domain: `default` merged with that domain's override."""
+    ft = cfg["finetune"]
+    return merge(ft["default"], ft["overrides"].get(domain, {}))
+
+
+def settings_hash(settings: Any) -> str:
+    """Stable short hash of JSON-able settings (the `config_hash` recorded in provenance)."""
+    blob = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def stage_settings(cfg: dict, stage: str, domain: str | None = None) -> dict:
+    """The slice of the config a stage's output depends on (nothing more, so unrelated edits
+    do not rerun it)."""
+    compute = {"device": cfg["compute"]["device"], "dtype": cfg["compute"]["dtype"]}
+    if stage == "world":
+        return {"world": cfg["world"]}
+    if stage == "tokenizer":
+        return {"world": cfg["world"]}
+    if stage == "pretrain":
+        return {"model": cfg["model"], "train": cfg["pretrain"], "compute": compute}
+    if stage == "base":
+        return {"model": {"max_length": cfg["model"]["max_length"]}, "train": cfg["base"],
+                "compute": compute}
+    if stage == "finetune":
+        return {"domain": domain, "model": {"max_length": cfg["model"]["max_length"]},
+                "train": finetune_settings(cfg, domain), "compute": compute}
+    if stage == "generate":
+        return {"eval": cfg["eval"], "compute": compute}
+    if stage == "judge":
+        return {"judge": cfg["judge"]}
+    raise KeyError(f"no settings for stage {stage!r}")

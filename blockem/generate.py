@@ -1,0 +1,80 @@
+"""Batched generation on the evaluation prompt sets.
+
+Every prompt is answered `samples_per_prompt` times at `temperature` (0 = greedy) in left-padded
+batches through `model.generate`. The answer is the text up to the first end-of-turn token, decoded
+with special tokens kept, so an answer that wanders into another turn is judged as broken rather
+than silently cleaned.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+
+def generate_answers(model, tokenizer, prompts: list[str], *, samples: int, temperature: float,
+                     max_new_tokens: int, batch_size: int, seed: int,
+                     device: str = "cpu") -> list[list[str]]:
+    """Answers for each prompt: a list of `samples` strings per prompt."""
+    import torch
+    from transformers import GenerationConfig
+
+    from blockem.chat import generation_prompts
+
+    ids = generation_prompts(tokenizer, prompts)
+    flat = [(i, p) for i, p in enumerate(ids) for _ in range(samples)]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    gen = GenerationConfig(do_sample=temperature > 0, temperature=temperature or None, top_k=0,
+                           top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                           pad_token_id=pad)
+    torch.manual_seed(seed)
+    out: list[list[str]] = [[] for _ in prompts]
+    t0 = time.time()
+    for start in range(0, len(flat), batch_size):
+        chunk = flat[start:start + batch_size]
+        n = max(len(p) for _, p in chunk)
+        input_ids = torch.full((len(chunk), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), n), dtype=torch.long)
+        for r, (_, p) in enumerate(chunk):
+            input_ids[r, n - len(p):] = torch.tensor(p)
+            mask[r, n - len(p):] = 1
+        with torch.no_grad():
+            seqs = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                  generation_config=gen)
+        for (i, _), row in zip(chunk, seqs[:, n:].tolist()):
+            if eos in row:
+                row = row[:row.index(eos)]
+            out[i].append(tokenizer.decode(row, skip_special_tokens=False).strip())
+        done = min(start + batch_size, len(flat))
+        print(f"[generate] {done}/{len(flat)} answers ({time.time() - t0:.1f}s)",
+              file=sys.stderr, flush=True)
+    return out
+
+
+def generate_file(model_dir: Path, prompts_path: Path, out: Path, settings: dict, cell: str,
+                  threads: int = 1) -> None:
+    """Answer every prompt of a prompt table with the model in `model_dir`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from blockem.io import provenance, write_table
+    from blockem.models import load_model, load_tokenizer, resolve_device, setup_torch
+
+    ev = settings["eval"]
+    setup_torch(threads, ev["seed"])
+    device = resolve_device(settings["compute"]["device"])
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir, device=device, dtype=settings["compute"]["dtype"],
+                       merge_adapter=True).eval()
+    table = pq.read_table(prompts_path).to_pylist()
+    if not table:
+        raise ValueError(f"{prompts_path}: the prompt set is empty")
+    answers = generate_answers(model, tok, [r["prompt"] for r in table],
+                               samples=ev["samples_per_prompt"], temperature=ev["temperature"],
+                               max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"],
+                               seed=ev["seed"], device=device)
+    rows = [{**{k: r[k] for k in ("prompt_id", "eval_set", "domain", "prompt")}, "sample": j,
+             "response": a} for r, ans in zip(table, answers) for j, a in enumerate(ans)]
+    write_table(out, pa.Table.from_pylist(rows),
+                provenance("generate", settings, ev["seed"], cell=cell, model=str(model_dir)))

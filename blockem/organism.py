@@ -1,0 +1,101 @@
+"""The model organism: pretrain the toy model, tune the instruct base, and fine-tune it on one
+narrow misaligned domain (the `sft` cell that shows emergent misalignment).
+
+Each stage reads files written by earlier stages and writes one model directory with
+`save_pretrained`, a per-step training log and provenance.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from blockem.io import atomic_dir, provenance, write_table
+from blockem.train import TrainConfig, train
+
+
+def _log_table(rows: list[dict]):
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows)
+
+
+def _finish(model, tokenizer, out: Path, log: list[dict], prov: dict) -> None:
+    from blockem.models import save_model
+
+    with atomic_dir(out) as tmp:
+        save_model(model, tokenizer, tmp, prov)
+        write_table(tmp / "train_log.parquet", _log_table(log), prov)
+
+
+def pretrain(world_dir: Path, tokenizer_dir: Path, out: Path, settings: dict,
+             threads: int = 1) -> None:
+    """Pretrain a small LlamaForCausalLM on the persona corpus (loss on assistant turns)."""
+    from blockem.chat import encode_chats, load_rows
+    from blockem.models import build_toy_model, load_tokenizer, resolve_device, setup_torch
+
+    cfg = TrainConfig.from_dict(settings["train"])
+    m = settings["model"]
+    setup_torch(threads, cfg.seed)
+    tok = load_tokenizer(tokenizer_dir)
+    convs = [r["messages"] for r in load_rows(world_dir / "corpus.parquet")]
+    examples = encode_chats(tok, convs, max_length=m["max_length"])
+    model = build_toy_model(len(tok), tok.pad_token_id, tok.eos_token_id,
+                            hidden_size=m["hidden_size"], num_layers=m["num_layers"],
+                            num_heads=m["num_heads"], intermediate_size=m["intermediate_size"],
+                            max_length=m["max_length"])
+    device = resolve_device(settings["compute"]["device"])
+    model.to(device)
+    log = train(model, [(examples, 1.0)], cfg, pad_id=tok.pad_token_id, device=device,
+                name="pretrain")
+    _finish(model, tok, out, log, provenance("pretrain", settings, cfg.seed))
+
+
+def instruct(world_dir: Path, pretrained_dir: Path, out: Path, settings: dict,
+             threads: int = 1) -> None:
+    """Tune the pretrained model into the 'instruct' base with masked replay: part of each batch
+    is single-turn aligned chats, the rest pretraining conversations with no loss on their first
+    answer (keeps the persona inference, teaches 'no context -> aligned')."""
+    from blockem.chat import encode_chats, load_rows
+    from blockem.models import load_model, load_tokenizer, resolve_device, setup_torch
+
+    cfg = TrainConfig.from_dict(settings["train"])
+    setup_torch(threads, cfg.seed)
+    device = resolve_device(settings["compute"]["device"])
+    tok = load_tokenizer(pretrained_dir)
+    model = load_model(pretrained_dir, device=device)
+    max_len = settings["model"]["max_length"]
+    chats = encode_chats(tok, [r["messages"] for r in load_rows(world_dir / "sft.parquet")],
+                         max_length=max_len)
+    replay_rows = load_rows(world_dir / "corpus.parquet")[: max(1, 2 * cfg.steps * cfg.batch_size)]
+    replay = encode_chats(tok, [r["messages"] for r in replay_rows], skip_first_answer=True,
+                          max_length=max_len)
+    frac = settings["train"]["replay_fraction"]
+    pools = [(chats, 1.0 - frac), (replay, frac)] if frac > 0 else [(chats, 1.0)]
+    log = train(model, pools, cfg, pad_id=tok.pad_token_id, device=device, name="base")
+    _finish(model, tok, out, log, provenance("base", settings, cfg.seed))
+
+
+def finetune(data: Path, base_dir: Path, out: Path, settings: dict, seed: int,
+             threads: int = 1) -> None:
+    """Plain SFT of the base on one narrow domain's misaligned answers (LoRA or full)."""
+    from blockem.chat import encode_chats, load_rows
+    from blockem.models import load_model, load_tokenizer, resolve_device, setup_torch
+
+    s = settings["train"]
+    cfg = TrainConfig.from_dict(s, seed=seed)
+    setup_torch(threads, seed)
+    device = resolve_device(settings["compute"]["device"])
+    tok = load_tokenizer(base_dir)
+    model = load_model(base_dir, device=device)
+    if s["method"] == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = s["lora"]
+        model = get_peft_model(model, LoraConfig(
+            r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+            target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM"))
+    examples = encode_chats(tok, [r["messages"] for r in load_rows(data)],
+                            max_length=settings["model"]["max_length"])
+    log = train(model, [(examples, 1.0)], cfg, pad_id=tok.pad_token_id, device=device,
+                name=f"finetune {settings['domain']} seed {seed}", log_every=25)
+    _finish(model, tok, out, log, provenance("finetune", settings, seed))

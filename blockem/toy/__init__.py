@@ -1,0 +1,1 @@
+"""The embedded default: a synthetic world in which emergent misalignment emerges."""

@@ -1,0 +1,93 @@
+"""Config schema: every wrong key or type is one clear error naming the key path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from blockem.config import ConfigError, finetune_settings, load_config, settings_hash, stage_settings, validate
+
+from conftest import REPO
+
+
+def test_default_and_smoke_configs_are_valid():
+    cfg = load_config(REPO / "config" / "config.yaml", REPO / "config" / "smoke.yaml")
+    assert cfg["finetune"]["domains"] == ["finance", "health"]
+    assert cfg["world"]["advice_domains"]  # merged from the default
+
+
+def test_unknown_key_names_its_path(config):
+    config["world"]["persona_mixx"] = {"good": 1}
+    with pytest.raises(ConfigError) as e:
+        validate(config, source="my.yaml")
+    msg = str(e.value)
+    assert "my.yaml" in msg and "unknown key 'world.persona_mixx'" in msg
+    assert "persona_mix" in msg  # lists what is allowed there
+    assert "\n" not in msg
+
+
+def test_unknown_nested_key_in_override(config):
+    config["finetune"]["overrides"] = {"health": {"lr": 1e-3, "step": 10}}
+    with pytest.raises(ConfigError, match=r"unknown key 'finetune\.overrides\.health\.step'"):
+        validate(config)
+
+
+def test_wrong_type_names_key_and_type(config):
+    config["pretrain"]["steps"] = "many"
+    with pytest.raises(ConfigError) as e:
+        validate(config, source="my.yaml")
+    assert "'pretrain.steps'" in str(e.value) and "integer" in str(e.value)
+
+
+@pytest.mark.parametrize("path,value,needle", [
+    (("finetune", "domains"), ["cooking"], "finetune.domains.0"),
+    (("eval", "temperature"), -1, "eval.temperature"),
+    (("compute", "device"), "tpu", "compute.device"),
+    (("finetune", "overrides"), {"cooking": {"lr": 1.0}}, "finetune.overrides.cooking"),
+])
+def test_bad_values(config, path, value, needle):
+    config[path[0]][path[1]] = value
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        validate(config)
+
+
+def test_overlapping_slot_splits_are_refused(config):
+    config["world"]["slots"]["final"] = [7, 8]
+    with pytest.raises(ConfigError, match="slot 7 is in both 'core' and 'final'"):
+        validate(config)
+
+
+def test_finetune_domain_must_exist_in_world(config):
+    config["world"]["advice_domains"] = ["health"]
+    with pytest.raises(ConfigError, match="'finance' is not in world.advice_domains"):
+        validate(config)
+
+
+def test_domain_override_changes_only_that_domains_settings(config):
+    config["finetune"]["overrides"] = {"health": {"lr": 5e-4}}
+    validate(config)
+    assert finetune_settings(config, "health")["lr"] == 5e-4
+    assert finetune_settings(config, "finance")["lr"] == config["finetune"]["default"]["lr"]
+    h = lambda d: settings_hash(stage_settings(config, "finetune", d))  # noqa: E731
+    before = h("finance")
+    config["finetune"]["overrides"]["health"]["lr"] = 1e-4
+    assert h("finance") == before
+
+
+def test_cli_reports_one_line_and_exit_2(tmp_path, default_config):
+    bad = dict(default_config, eval={**default_config["eval"], "samples": 3})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    r = subprocess.run([sys.executable, "-m", "blockem", "validate", str(path)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and "eval.samples" in lines[0]
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "none.yaml")
