@@ -99,8 +99,9 @@ def test_second_run_does_nothing(smoke_run):
 
 
 def test_changing_one_domain_reruns_only_its_cells(smoke_run, tmp_path):
+    default_lr = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["finetune"]["default"]["lr"]
     override = tmp_path / "override.yaml"
-    override.write_text(yaml.safe_dump({"finetune": {"overrides": {"health": {"lr": 5.0e-4}}}}))
+    override.write_text(yaml.safe_dump({"finetune": {"overrides": {"health": {"lr": default_lr / 3}}}}))
     r = snakemake(smoke_run, "-n", configfiles=(SMOKE, override))
     jobs = planned_jobs(r.stdout)
     assert jobs == {"finetune": 1, "generate": 1, "judge": 1, "cell_metrics": 1, "summary": 1,
