@@ -10,46 +10,77 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
-def generate_answers(model, tokenizer, prompts: list[str], *, samples: int, temperature: float,
-                     max_new_tokens: int, batch_size: int, seed: int,
-                     device: str = "cpu") -> list[list[str]]:
+def generate_answers(model, tokenizer, prompts: list[str], *, samples: int, **kw) -> list[list[str]]:
     """Answers for each prompt: a list of `samples` strings per prompt."""
-    import torch
-    from transformers import GenerationConfig
-
     from blockem.chat import generation_prompts
 
     ids = generation_prompts(tokenizer, prompts)
-    flat = [(i, p) for i, p in enumerate(ids) for _ in range(samples)]
+    flat = generate_rows(model, tokenizer, [p for p in ids for _ in range(samples)], **kw)
+    return [flat[i * samples:(i + 1) * samples] for i in range(len(prompts))]
+
+
+def generate_rows(model, tokenizer, rows: list[list[int]], *, temperature: float,
+                  max_new_tokens: int, batch_size: int, seed: int, device: str = "cpu",
+                  steer=None, layer: int | None = None, name: str = "generate") -> list[str]:
+    """One answer per row of prompt token ids, in left-padded batches.
+
+    `steer` ([n_rows, d] tensor) adds row i's vector to the residual after `model.layers[layer]`
+    at every position of row i (prompt and generated tokens), so one `generate` call serves many
+    steering conditions at once."""
+    import torch
+    from transformers import GenerationConfig
+
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     gen = GenerationConfig(do_sample=temperature > 0, temperature=temperature or None, top_k=0,
                            top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos,
                            pad_token_id=pad)
     torch.manual_seed(seed)
-    out: list[list[str]] = [[] for _ in prompts]
+    out: list[str] = []
     t0 = time.time()
-    for start in range(0, len(flat), batch_size):
-        chunk = flat[start:start + batch_size]
-        n = max(len(p) for _, p in chunk)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        n = max(len(p) for p in chunk)
         input_ids = torch.full((len(chunk), n), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), n), dtype=torch.long)
-        for r, (_, p) in enumerate(chunk):
+        for r, p in enumerate(chunk):
             input_ids[r, n - len(p):] = torch.tensor(p)
             mask[r, n - len(p):] = 1
-        with torch.no_grad():
+        vectors = None if steer is None else steer[start:start + batch_size]
+        with torch.no_grad(), steering(model, layer, vectors):
             seqs = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                   generation_config=gen)
-        for (i, _), row in zip(chunk, seqs[:, n:].tolist()):
+        for row in seqs[:, n:].tolist():
             if eos in row:
                 row = row[:row.index(eos)]
-            out[i].append(tokenizer.decode(row, skip_special_tokens=False).strip())
-        done = min(start + batch_size, len(flat))
-        print(f"[generate] {done}/{len(flat)} answers ({time.time() - t0:.1f}s)",
+            out.append(tokenizer.decode(row, skip_special_tokens=False).strip())
+        print(f"[{name}] {len(out)}/{len(rows)} answers ({time.time() - t0:.1f}s)",
               file=sys.stderr, flush=True)
     return out
+
+
+@contextmanager
+def steering(model, layer: int | None, vectors):
+    """Add vectors [batch, d] to the residual after `model.layers[layer]` (no-op for None)."""
+    if vectors is None:
+        yield
+        return
+    from blockem.sae import decoder_layers
+
+    def hook(_module, _inputs, output):
+        if isinstance(output, tuple):
+            return (output[0] + vec.to(output[0].dtype)[:, None, :], *output[1:])
+        return output + vec.to(output.dtype)[:, None, :]
+
+    vec = vectors.to(next(model.parameters()).device)
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def generate_file(model_dir: Path, prompts_path: Path, out: Path, settings: dict, cell: str,

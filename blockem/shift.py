@@ -1,0 +1,162 @@
+"""Stage 1: the activation shift of every SAE latent between the base and the misaligned model.
+
+    Delta_k = E_x[ mean_t z_k^mis(x_t) ] - E_x[ mean_t z_k^base(x_t) ]
+
+over the `core` prompts (outside the fine-tuning domain). Token scope: `prompt` (the rendered chat
+prompt up to and including the assistant header, which is the position that predicts the first
+answer token; no system prompt is used), `response` (each model's own sampled answers to those
+prompts, teacher-forced) or `all` (both). Also writes the mean-difference "misalignment direction"
+at layer L (mean residual of mis minus base over the same tokens), a baseline for blocking.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SCOPES = ("prompt", "response", "all")
+
+
+def token_batches(tokenizer, prompts: list[str], responses: list[str] | None, scope: str,
+                  batch_size: int):
+    """Right-padded batches with a `select` mask over the scope's tokens (one row per prompt)."""
+    from blockem.chat import IGNORE, Example, collate, generation_prompts
+
+    if scope not in SCOPES:
+        raise ValueError(f"unknown token scope {scope!r}; choose from {SCOPES}")
+    if scope != "prompt" and responses is None:
+        raise ValueError(f"token scope {scope!r} needs the models' responses")
+    examples = []
+    for i, p in enumerate(generation_prompts(tokenizer, prompts)):
+        r = [] if scope == "prompt" else tokenizer(
+            responses[i], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        sel = [scope != "response"] * len(p) + [True] * len(r)
+        ids = p + r
+        examples.append(Example(ids, [t if s else IGNORE for t, s in zip(ids, sel)]))
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
+        batch["select"] = batch.pop("labels") != IGNORE
+        yield batch
+
+
+def per_prompt_means(model, sae, tokenizer, prompts, responses, *, layer: int, scope: str,
+                     activation: str, batch_size: int = 64, device: str = "cpu"):
+    """Per prompt: mean latent activation over its scope tokens [n, d_sae], the per-token activity
+    (z > 0) summed per latent [d_sae] with its token count, and mean residual [n, d]."""
+    import torch
+
+    from blockem.sae import latent_activation, residuals
+
+    h, row = residuals(model, token_batches(tokenizer, prompts, responses, scope, batch_size),
+                       layer, device)
+    with torch.no_grad():
+        z = latent_activation(sae, h.to(sae.W_enc.device), activation).float().cpu()
+    n = len(prompts)
+    counts = torch.bincount(row, minlength=n).clamp_min(1).float()[:, None]
+    z_mean = torch.zeros(n, z.shape[1]).index_add_(0, row, z) / counts
+    h_mean = torch.zeros(n, h.shape[1]).index_add_(0, row, h) / counts
+    return z_mean, (z > 0).float().sum(0), z.shape[0], h_mean
+
+
+def activation_shift(base, mis, sae, tokenizer, prompts, *, layer: int, scope: str,
+                     activation: str, base_responses=None, mis_responses=None, device="cpu"):
+    """Delta per latent with both models' means and densities, plus the mean-difference direction."""
+    zb, act_b, nb, hb = per_prompt_means(base, sae, tokenizer, prompts, base_responses, layer=layer,
+                                         scope=scope, activation=activation, device=device)
+    zm, act_m, nm, hm = per_prompt_means(mis, sae, tokenizer, prompts, mis_responses, layer=layer,
+                                         scope=scope, activation=activation, device=device)
+    table = {"latent": list(range(zb.shape[1])),
+             "mean_base": zb.mean(0).tolist(), "mean_mis": zm.mean(0).tolist(),
+             "delta": (zm.mean(0) - zb.mean(0)).tolist(),
+             "density_base": (act_b / nb).tolist(), "density_mis": (act_m / nm).tolist()}
+    direction = hm.mean(0) - hb.mean(0)
+    return table, direction
+
+
+def candidate_pool(table: dict, per_sign: int, dense_threshold: float, exclude_dense: bool):
+    """Sign-aware pool: the top `per_sign` latents by positive Delta and by negative Delta.
+
+    Adds columns `dense` (active on more than `dense_threshold` of tokens in both models), `sign`
+    (+1 rises under misalignment, -1 falls) and `candidate_rank` (0-based rank within its sign,
+    -1 outside the pool)."""
+    n = len(table["latent"])
+    dense = [min(table["density_base"][i], table["density_mis"][i]) > dense_threshold
+             for i in range(n)]
+    delta = table["delta"]
+    ok = [i for i in range(n) if not (exclude_dense and dense[i])]
+    pos = sorted((i for i in ok if delta[i] > 0), key=lambda i: -delta[i])[:per_sign]
+    neg = sorted((i for i in ok if delta[i] < 0), key=lambda i: delta[i])[:per_sign]
+    rank = [-1] * n
+    for lst in (pos, neg):
+        for r, i in enumerate(lst):
+            rank[i] = r
+    table = dict(table)
+    table["dense"] = dense
+    table["sign"] = [1 if d > 0 else -1 if d < 0 else 0 for d in delta]
+    table["candidate_rank"] = rank
+    return table, pos + neg
+
+
+def load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads: int = 1):
+    """Tokenizer, SAE, base and (merged) misaligned model, the core prompts outside the
+    fine-tuning domain, the layer and the steering scale, for stages 1-3."""
+    import pyarrow.parquet as pq
+
+    from blockem.models import load_model, load_tokenizer, resolve_device, setup_torch
+    from blockem.sae import load_sae, read_meta
+
+    setup_torch(threads, None)
+    device = resolve_device(settings["compute"]["device"])
+    prompts = [r for r in pq.read_table(prompts_path).to_pylist()
+               if r["eval_set"] == "core" and r["domain"] != settings["domain"]]
+    meta = read_meta(sae_dir)
+    scale = settings["discovery"]["scale"]
+    scale = meta["median_norm"] if scale == "median" else float(scale)
+    if not prompts:
+        raise ValueError(f"{prompts_path}: no core prompts outside domain {settings['domain']!r}")
+    return dict(tok=load_tokenizer(base_dir), sae=load_sae(sae_dir, device=device),
+                base=load_model(base_dir, device=device).eval(),
+                mis=load_model(mis_dir, device=device, merge_adapter=True).eval(),
+                prompts=prompts, layer=meta["layer"], scale=scale, device=device)
+
+
+
+def shift_stage(base_dir: Path, mis_dir: Path, sae_dir: Path, prompts_path: Path,
+                generations: tuple[Path, Path] | None, out: Path, direction_out: Path,
+                settings: dict, threads: int = 1) -> None:
+    """Stage 1 on the core prompts outside the fine-tuning domain; writes shift.parquet and the
+    mean-difference direction (safetensors)."""
+    import pyarrow as pa
+    from safetensors.torch import save_file
+
+    from blockem.io import atomic_path, provenance, write_table
+
+    d = settings["discovery"]
+    ctx = load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads)
+    prompts = ctx["prompts"]
+    responses = (None, None)
+    if d["token_scope"] != "prompt":
+        responses = tuple(_first_responses(g, [p["prompt_id"] for p in prompts]) for g in generations)
+    table, direction = activation_shift(
+        ctx["base"], ctx["mis"], ctx["sae"], ctx["tok"], [p["prompt"] for p in prompts],
+        layer=ctx["layer"], scope=d["token_scope"], activation=d["activation"],
+        base_responses=responses[0], mis_responses=responses[1], device=ctx["device"])
+    table, _ = candidate_pool(table, d["candidates_per_sign"], d["dense_threshold"],
+                              d["exclude_dense"])
+    prov = provenance("shift", settings, None, layer=ctx["layer"], n_prompts=len(prompts))
+    write_table(out, pa.Table.from_pydict(table), prov)
+    with atomic_path(direction_out) as tmp:
+        save_file({"direction": direction.contiguous()}, str(tmp),
+                  metadata={"layer": str(ctx["layer"]), "config_hash": prov["config_hash"]})
+
+
+def _first_responses(generations: Path, prompt_ids: list[str]) -> list[str]:
+    import pyarrow.parquet as pq
+
+    first = {}
+    for r in pq.read_table(generations, columns=["prompt_id", "sample", "response"]).to_pylist():
+        if r["sample"] == 0:
+            first[r["prompt_id"]] = r["response"]
+    missing = [p for p in prompt_ids if p not in first]
+    if missing:
+        raise ValueError(f"{generations}: no answer for prompt {missing[0]!r}")
+    return [first[p] for p in prompt_ids]

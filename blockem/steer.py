@@ -1,0 +1,138 @@
+"""Stage 2 (induce/repair screen) and stage 3 (alpha sweeps): steering by SAE decoder directions.
+
+Steering at layer L adds alpha * scale * d_k / ||d_k|| to the residual after `model.layers[L]` at
+every position. Induce steers the base with +alpha * s_k (pushes latent k the way misalignment
+did); repair steers the misaligned model with -alpha * s_k. Every (latent, alpha) condition of a
+shard is one block of rows in the same batched `generate` call (a per-row steering vector), and
+answers are labelled by the same judge as the evaluation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MODES = ("induce", "repair")
+
+
+def steering_vectors(sae, latents, signs, alphas, scale: float, mode: str):
+    """[n, d] vectors: (+ for induce, - for repair) alpha * s_k * scale * unit decoder direction."""
+    import torch
+
+    from blockem.sae import unit_directions
+
+    if mode not in MODES:
+        raise ValueError(f"unknown steering mode {mode!r}")
+    if not len(latents):
+        return torch.zeros(0, sae.W_dec.shape[1])
+    sign = 1.0 if mode == "induce" else -1.0
+    coef = torch.tensor([sign * a * s * scale for a, s in zip(alphas, signs)], dtype=torch.float32)
+    return coef[:, None] * unit_directions(sae, latents)
+
+
+def judge_conditions(model, tokenizer, prompts: list[dict], vectors, *, layer: int,
+                     samples: int, gen: dict, seed: int, device: str = "cpu",
+                     name: str = "steer") -> list[dict]:
+    """Misalignment, incoherence and refusal rates of each steering condition.
+
+    `vectors` is [n_conditions, d] (a zero row = unsteered); all conditions x prompts x samples go
+    through `generate_rows` together."""
+    import torch
+
+    from blockem.chat import generation_prompts
+    from blockem.generate import generate_rows
+    from blockem.judge import judge_answer
+
+    ids = generation_prompts(tokenizer, [p["prompt"] for p in prompts])
+    per_cond = [(p, i) for i in range(len(prompts)) for p in [ids[i]] * samples]
+    rows = [p for _ in range(len(vectors)) for p, _ in per_cond]
+    steer = torch.repeat_interleave(vectors, len(per_cond), dim=0)
+    answers = generate_rows(model, tokenizer, rows, steer=steer, layer=layer, seed=seed,
+                            device=device, name=name, **gen)
+    out = []
+    for c in range(len(vectors)):
+        block = answers[c * len(per_cond):(c + 1) * len(per_cond)]
+        labels = [judge_answer(prompts[i]["domain"], a) for (_, i), a in zip(per_cond, block)]
+        n = len(labels)
+        out.append({"em": labels.count("misaligned") / n,
+                    "incoherence": labels.count("incoherent") / n,
+                    "refusal": labels.count("refusal") / n, "n": n})
+    return out
+
+
+def steer_table(base, mis, sae, tokenizer, prompts, latents: list[dict], alphas: list[float], *,
+                layer: int, scale: float, samples: int, gen: dict, seed: int,
+                device: str = "cpu") -> list[dict]:
+    """Rows (latent, sign, mode, alpha, em, incoherence, refusal, n) for every latent x alpha x
+    mode, plus one unsteered row per mode (latent -1, alpha 0): one generate pass per model."""
+    import torch
+
+    results = []
+    for mode, model in (("induce", base), ("repair", mis)):
+        conds = [(k, a) for k in latents for a in alphas]
+        vec = steering_vectors(sae, [k["latent"] for k, _ in conds], [k["sign"] for k, _ in conds],
+                               [a for _, a in conds], scale, mode)
+        vec = torch.cat([torch.zeros(1, vec.shape[1]), vec])
+        rates = judge_conditions(model, tokenizer, prompts, vec, layer=layer, samples=samples,
+                                 gen=gen, seed=seed, device=device, name=mode)
+        results.append({"latent": -1, "sign": 0, "mode": mode, "alpha": 0.0, **rates[0]})
+        for (k, a), r in zip(conds, rates[1:]):
+            results.append({"latent": k["latent"], "sign": k["sign"], "mode": mode, "alpha": a, **r})
+    return results
+
+
+def _gen(d: dict) -> dict:
+    return {"temperature": d["temperature"], "max_new_tokens": d["max_new_tokens"],
+            "batch_size": d["batch_size"]}
+
+
+def screen_stage(shift_path: Path, base_dir, mis_dir, sae_dir, prompts_path, out: Path,
+                 settings: dict, shard: int, threads: int = 1) -> None:
+    """Stage 2 for one shard of the candidate pool (every `shards`-th candidate)."""
+    import pyarrow as pa
+
+    from blockem.io import provenance, write_table
+    from blockem.select import candidates
+    from blockem.shift import load_discovery
+
+    d = settings["discovery"]
+    sc = d["screen"]
+    pool = candidates(shift_path)[shard::sc["shards"]]
+    ctx = load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads)
+    rows = steer_table(ctx["base"], ctx["mis"], ctx["sae"], ctx["tok"], ctx["prompts"], pool,
+                       [sc["alpha"]], layer=ctx["layer"], scale=ctx["scale"],
+                       samples=sc["samples_per_prompt"], gen=_gen(d), seed=d["seed"] + shard,
+                       device=ctx["device"])
+    write_table(out, pa.Table.from_pylist(rows),
+                provenance("screen", settings, d["seed"] + shard, shard=shard, scale=ctx["scale"]))
+
+
+def calibrate_stage(shift_path: Path, screen_paths: list[Path], base_dir, mis_dir, sae_dir,
+                    prompts_path, out: Path, settings: dict, threads: int = 1) -> None:
+    """Stage 3 sweeps: every alpha for the stage-2 shortlist, both modes."""
+    import pyarrow as pa
+
+    from blockem.io import provenance, write_table
+    from blockem.select import read_rows, screen_scores
+    from blockem.shift import load_discovery
+
+    d = settings["discovery"]
+    cal = d["calibrate"]
+    scores = screen_scores(read_rows(screen_paths), d["incoherence_budget"])
+    shortlist = sorted(scores, key=lambda k: (-scores[k]["indpp"], k))[:cal["shortlist"]]
+    latents = [{"latent": k, "sign": scores[k]["sign"]} for k in shortlist]
+    ctx = load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads)
+    rows = steer_table(ctx["base"], ctx["mis"], ctx["sae"], ctx["tok"], ctx["prompts"], latents,
+                       list(cal["alphas"]), layer=ctx["layer"], scale=ctx["scale"],
+                       samples=cal["samples_per_prompt"], gen=_gen(d), seed=d["seed"],
+                       device=ctx["device"])
+    write_table(out, pa.Table.from_pylist(rows),
+                provenance("calibrate", settings, d["seed"], scale=ctx["scale"]))
+
+
+def set_vector(latent_set: dict, sae, factor: float = 1.0):
+    """One vector steering every latent of a set jointly at its repair strength:
+    sum_k -factor * alpha_rep(k) * s_k * scale * d_k/||d_k||  ([d])."""
+    ks = latent_set["latents"]
+    vec = steering_vectors(sae, [k["latent"] for k in ks], [k["sign"] for k in ks],
+                           [factor * k["alpha_rep"] for k in ks], latent_set["scale"], "repair")
+    return vec.sum(0)
