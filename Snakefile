@@ -9,6 +9,7 @@ configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/organism.smk"
+include: "workflow/rules/discover.smk"
 include: "workflow/rules/evaluate.smk"
 
 

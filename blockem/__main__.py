@@ -82,8 +82,74 @@ def cmd_finetune(args) -> None:
 def cmd_generate(args) -> None:
     from blockem.generate import generate_file
 
+    steer = None
+    if args.steer_set:
+        if not (args.sae and args.joint):
+            raise ValueError("--steer-set needs --sae and --joint")
+        steer = (Path(args.steer_set), Path(args.sae), Path(args.joint))
     generate_file(Path(args.model), Path(args.prompts), Path(args.out),
-                  _settings(args, "generate"), cell=args.cell, threads=args.threads)
+                  _settings(args, "generate"), cell=args.cell, threads=args.threads, steer=steer)
+
+
+def cmd_sae(args) -> None:
+    from blockem.sae import sae_stage
+
+    sae_stage(Path(args.base), Path(args.corpus), Path(args.out), _settings(args, "sae"),
+              threads=args.threads)
+
+
+def cmd_sae_sanity(args) -> None:
+    from blockem.sae import sanity_stage
+
+    models = {}
+    for item in args.model:
+        name, _, path = item.partition("=")
+        if not path:
+            raise ValueError(f"--model expects NAME=PATH, got {item!r}")
+        models[name] = Path(path)
+    sanity_stage(Path(args.sae), models, Path(args.corpus), Path(args.out),
+                 _settings(args, "sanity"), threads=args.threads)
+
+
+def cmd_shift(args) -> None:
+    from blockem.shift import shift_stage
+
+    gens = tuple(Path(g) for g in args.generations) if args.generations else None
+    shift_stage(Path(args.base), Path(args.mis), Path(args.sae), Path(args.prompts), gens,
+                Path(args.out), Path(args.direction), _settings(args, "shift", args.domain),
+                threads=args.threads)
+
+
+def cmd_screen(args) -> None:
+    from blockem.steer import screen_stage
+
+    screen_stage(Path(args.shift), Path(args.base), Path(args.mis), Path(args.sae),
+                 Path(args.prompts), Path(args.out), _settings(args, "screen", args.domain),
+                 shard=args.shard, threads=args.threads)
+
+
+def cmd_calibrate(args) -> None:
+    from blockem.steer import calibrate_stage
+
+    calibrate_stage(Path(args.shift), [Path(p) for p in args.screens], Path(args.base),
+                    Path(args.mis), Path(args.sae), Path(args.prompts), Path(args.out),
+                    _settings(args, "calibrate", args.domain), threads=args.threads)
+
+
+def cmd_select(args) -> None:
+    from blockem.select import select_stage
+
+    select_stage(Path(args.shift), [Path(p) for p in args.screens], Path(args.calibration),
+                 Path(args.sae), Path(args.out_dir), args.name,
+                 _settings(args, "select", args.domain))
+
+
+def cmd_joint(args) -> None:
+    from blockem.steer import joint_strength_stage
+
+    joint_strength_stage(Path(args.set), Path(args.base), Path(args.mis), Path(args.sae),
+                         Path(args.prompts), Path(args.out), _settings(args, "joint", args.domain),
+                         threads=args.threads)
 
 
 def cmd_judge(args) -> None:
@@ -154,6 +220,47 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompts", required=True)
     sp.add_argument("--cell", required=True)
     sp.add_argument("--out", required=True)
+    sp.add_argument("--steer-set", help="latent-set JSON: steer its latents jointly (repair)")
+    sp.add_argument("--sae", help="SAE directory of the latent set")
+    sp.add_argument("--joint", help="joint strength JSON (factor, layer, positions)")
+
+    def discovery(name, fn, help, *, models=True, domain=True):
+        sp = stage(name, fn, help, threads=True)
+        if models:
+            for a in ("--base", "--mis", "--sae", "--prompts"):
+                sp.add_argument(a, required=True)
+        if domain:
+            sp.add_argument("--domain", required=True, help="fine-tuning domain of the mis model")
+        sp.add_argument("--out", required=True)
+        return sp
+
+    sp = stage("sae", cmd_sae, "collect layer residuals of the base, train/fetch the SAE",
+               threads=True)
+    sp.add_argument("--base", required=True)
+    sp.add_argument("--corpus", required=True)
+    sp.add_argument("--out", required=True)
+    sp = stage("sae-sanity", cmd_sae_sanity, "SAE reconstruction and sparsity per model",
+               threads=True)
+    sp.add_argument("--sae", required=True)
+    sp.add_argument("--corpus", required=True)
+    sp.add_argument("--model", nargs="+", required=True, metavar="NAME=PATH")
+    sp.add_argument("--out", required=True)
+    sp = discovery("shift", cmd_shift, "stage 1: activation shift and candidate pool")
+    sp.add_argument("--direction", required=True, help="mean-difference direction (safetensors)")
+    sp.add_argument("--generations", nargs=2, metavar=("BASE", "MIS"),
+                    help="generations of both models (token scopes response/all)")
+    sp = discovery("screen", cmd_screen, "stage 2: induce/repair screen of one shard")
+    sp.add_argument("--shift", required=True)
+    sp.add_argument("--shard", type=int, required=True)
+    sp = discovery("calibrate", cmd_calibrate, "stage 3: alpha sweeps for the shortlist")
+    sp.add_argument("--shift", required=True)
+    sp.add_argument("--screens", nargs="+", required=True)
+    sp = stage("select", cmd_select, "stage 3: selection rules -> latent-set JSON files")
+    for a in ("--shift", "--calibration", "--sae", "--out-dir", "--name", "--domain"):
+        sp.add_argument(a, required=True)
+    sp.add_argument("--screens", nargs="+", required=True)
+    sp = discovery("joint-strength", cmd_joint, "calibrate joint repair steering of a set on core")
+    sp.add_argument("--set", required=True)
     sp = stage("judge", cmd_judge, "label generated answers")
     sp.add_argument("--generations", required=True)
     sp.add_argument("--out", required=True)

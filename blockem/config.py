@@ -113,6 +113,19 @@ def _check_semantics(cfg: dict, source: str) -> None:
     for d in cfg["finetune"]["domains"]:
         if d not in cfg["world"]["advice_domains"]:
             raise ConfigError(f"{source}: 'finetune.domains': '{d}' is not in world.advice_domains")
+    disc = cfg["discovery"]
+    for d in disc["domains"]:
+        if d not in cfg["finetune"]["domains"]:
+            raise ConfigError(f"{source}: 'discovery.domains': '{d}' has no fine-tune "
+                              f"(add it to finetune.domains)")
+    if disc["layer"] >= cfg["model"]["num_layers"] and disc["sae"]["source"] == "train":
+        raise ConfigError(f"{source}: 'discovery.layer': {disc['layer']} is out of range for a "
+                          f"model with {cfg['model']['num_layers']} layers (0-based)")
+    src = disc["sae"]["source"]
+    need = {"pretrained": ("release", "sae_id"), "disk": ("path",)}.get(src, ())
+    for key in need:
+        if not disc["sae"][key]:
+            raise ConfigError(f"{source}: 'discovery.sae.{key}' is required with source '{src}'")
     m = cfg["model"]
     if m["hidden_size"] % m["num_heads"]:
         raise ConfigError(f"{source}: 'model.hidden_size' ({m['hidden_size']}) must be a "
@@ -129,6 +142,19 @@ def settings_hash(settings: Any) -> str:
     """Stable short hash of JSON-able settings (the `config_hash` recorded in provenance)."""
     blob = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_GEN = ["temperature", "max_new_tokens", "batch_size", "steer_positions", "seed", "scale"]
+DISCOVERY_KEYS = {
+    "sae": ["layer", "sae"],
+    "sanity": ["sanity_conversations", "dense_threshold"],
+    "shift": ["activation", "token_scope", "candidates_per_sign", "dense_threshold",
+              "exclude_dense", "scale"],
+    "screen": ["screen", *_GEN],
+    "calibrate": ["calibrate", "incoherence_budget", *_GEN],
+    "select": ["select", "incoherence_budget", "calibrate", "activation", "scale"],
+    "joint": ["calibrate", "incoherence_budget", *_GEN],
+}
 
 
 def stage_settings(cfg: dict, stage: str, domain: str | None = None) -> dict:
@@ -151,4 +177,12 @@ def stage_settings(cfg: dict, stage: str, domain: str | None = None) -> dict:
         return {"eval": cfg["eval"], "compute": compute}
     if stage == "judge":
         return {"judge": cfg["judge"]}
+    if stage in DISCOVERY_KEYS:
+        d = cfg["discovery"]
+        keys = DISCOVERY_KEYS[stage]
+        out = {"discovery": {k: d[k] for k in keys}, "compute": compute}
+        if stage in ("sae", "sanity"):
+            return {**out["discovery"], "compute": compute}
+        out["domain"] = domain
+        return out
     raise KeyError(f"no settings for stage {stage!r}")

@@ -14,18 +14,24 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def generate_answers(model, tokenizer, prompts: list[str], *, samples: int, **kw) -> list[list[str]]:
-    """Answers for each prompt: a list of `samples` strings per prompt."""
+def generate_answers(model, tokenizer, prompts: list[str], *, samples: int, steer_all=None,
+                     **kw) -> list[list[str]]:
+    """Answers for each prompt: a list of `samples` strings per prompt (`steer_all`: one
+    steering vector [d] for every row; see `generate_rows` for `layer` and `positions`)."""
     from blockem.chat import generation_prompts
 
     ids = generation_prompts(tokenizer, prompts)
-    flat = generate_rows(model, tokenizer, [p for p in ids for _ in range(samples)], **kw)
+    rows = [p for p in ids for _ in range(samples)]
+    if steer_all is not None:
+        kw["steer"] = steer_all.expand(len(rows), -1)
+    flat = generate_rows(model, tokenizer, rows, **kw)
     return [flat[i * samples:(i + 1) * samples] for i in range(len(prompts))]
 
 
 def generate_rows(model, tokenizer, rows: list[list[int]], *, temperature: float,
                   max_new_tokens: int, batch_size: int, seed: int, device: str = "cpu",
-                  steer=None, layer: int | None = None, name: str = "generate") -> list[str]:
+                  steer=None, layer: int | None = None, positions: str = "all",
+                  name: str = "generate") -> list[str]:
     """One answer per row of prompt token ids, in left-padded batches.
 
     `steer` ([n_rows, d] tensor) adds row i's vector to the residual after `model.layers[layer]`
@@ -50,7 +56,7 @@ def generate_rows(model, tokenizer, rows: list[list[int]], *, temperature: float
             input_ids[r, n - len(p):] = torch.tensor(p)
             mask[r, n - len(p):] = 1
         vectors = None if steer is None else steer[start:start + batch_size]
-        with torch.no_grad(), steering(model, layer, vectors):
+        with torch.no_grad(), steering(model, layer, vectors, positions):
             seqs = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                   generation_config=gen)
         for row in seqs[:, n:].tolist():
@@ -63,18 +69,25 @@ def generate_rows(model, tokenizer, rows: list[list[int]], *, temperature: float
 
 
 @contextmanager
-def steering(model, layer: int | None, vectors):
-    """Add vectors [batch, d] to the residual after `model.layers[layer]` (no-op for None)."""
+def steering(model, layer: int | None, vectors, positions: str = "all"):
+    """Add vectors [batch, d] to the residual after `model.layers[layer]` (no-op for None).
+
+    `positions`: `all` (every position, prompt and generated) or `prompt` (the prompt only: the
+    prefill forward; generated tokens then run unsteered on top of the steered cache)."""
     if vectors is None:
         yield
         return
     from blockem.sae import decoder_layers
 
     def hook(_module, _inputs, output):
+        if positions == "prompt" and _hidden_len(output) == 1:
+            return output
         if isinstance(output, tuple):
             return (output[0] + vec.to(output[0].dtype)[:, None, :], *output[1:])
         return output + vec.to(output.dtype)[:, None, :]
 
+    if positions not in ("all", "prompt"):
+        raise ValueError(f"unknown steering positions {positions!r}; choose 'all' or 'prompt'")
     vec = vectors.to(next(model.parameters()).device)
     handle = decoder_layers(model)[layer].register_forward_hook(hook)
     try:
@@ -84,8 +97,11 @@ def steering(model, layer: int | None, vectors):
 
 
 def generate_file(model_dir: Path, prompts_path: Path, out: Path, settings: dict, cell: str,
-                  threads: int = 1) -> None:
-    """Answer every prompt of a prompt table with the model in `model_dir`."""
+                  threads: int = 1, steer: tuple[Path, Path, Path] | None = None) -> None:
+    """Answer every prompt of a prompt table with the model in `model_dir`.
+
+    `steer` = (latent-set JSON, SAE dir, joint-strength JSON): every answer is generated with the
+    set's joint repair vector added at the calibrated factor, layer and positions."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -101,11 +117,35 @@ def generate_file(model_dir: Path, prompts_path: Path, out: Path, settings: dict
     table = pq.read_table(prompts_path).to_pylist()
     if not table:
         raise ValueError(f"{prompts_path}: the prompt set is empty")
+    extra, steering_info = {}, None
+    if steer is not None:
+        extra, steering_info = _steer_kwargs(*steer, device=device)
     answers = generate_answers(model, tok, [r["prompt"] for r in table],
                                samples=ev["samples_per_prompt"], temperature=ev["temperature"],
                                max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"],
-                               seed=ev["seed"], device=device)
+                               seed=ev["seed"], device=device, **extra)
     rows = [{**{k: r[k] for k in ("prompt_id", "eval_set", "domain", "prompt")}, "sample": j,
              "response": a} for r, ans in zip(table, answers) for j, a in enumerate(ans)]
     write_table(out, pa.Table.from_pylist(rows),
-                provenance("generate", settings, ev["seed"], cell=cell, model=str(model_dir)))
+                provenance("generate", settings, ev["seed"], cell=cell, model=str(model_dir),
+                           steering=steering_info))
+
+
+def _steer_kwargs(set_path: Path, sae_dir: Path, joint_path: Path, device: str):
+    """generate_rows arguments for joint repair steering by a latent set (one vector, all rows)."""
+    import json
+
+    from blockem.sae import load_sae
+    from blockem.steer import set_vector
+
+    latent_set = json.loads(Path(set_path).read_text())
+    joint = json.loads(Path(joint_path).read_text())
+    vec = set_vector(latent_set, load_sae(sae_dir, device=device), joint["factor"]).detach().cpu()
+    info = {"set": latent_set["name"], "factor": joint["factor"], "layer": joint["layer"],
+            "positions": joint["positions"], "latents": [k["latent"] for k in latent_set["latents"]],
+            "norm": float(vec.norm())}
+    return {"steer_all": vec, "layer": joint["layer"], "positions": joint["positions"]}, info
+
+
+def _hidden_len(output) -> int:
+    return (output[0] if isinstance(output, tuple) else output).shape[1]

@@ -35,7 +35,7 @@ def judge_conditions(model, tokenizer, prompts: list[dict], vectors, *, layer: i
     """Misalignment, incoherence and refusal rates of each steering condition.
 
     `vectors` is [n_conditions, d] (a zero row = unsteered); all conditions x prompts x samples go
-    through `generate_rows` together."""
+    through `generate_rows` together; `gen` holds its sampling settings and steered `positions`."""
     import torch
 
     from blockem.chat import generation_prompts
@@ -82,7 +82,7 @@ def steer_table(base, mis, sae, tokenizer, prompts, latents: list[dict], alphas:
 
 def _gen(d: dict) -> dict:
     return {"temperature": d["temperature"], "max_new_tokens": d["max_new_tokens"],
-            "batch_size": d["batch_size"]}
+            "batch_size": d["batch_size"], "positions": d["steer_positions"]}
 
 
 def screen_stage(shift_path: Path, base_dir, mis_dir, sae_dir, prompts_path, out: Path,
@@ -136,3 +136,39 @@ def set_vector(latent_set: dict, sae, factor: float = 1.0):
     vec = steering_vectors(sae, [k["latent"] for k in ks], [k["sign"] for k in ks],
                            [factor * k["alpha_rep"] for k in ks], latent_set["scale"], "repair")
     return vec.sum(0)
+
+
+def joint_strength_stage(set_path: Path, base_dir, mis_dir, sae_dir, prompts_path, out: Path,
+                         settings: dict, threads: int = 1) -> None:
+    """Calibrate the joint repair steering of a latent set on the core prompts.
+
+    Each latent's alpha*_rep was found alone; their sum can overshoot. The largest factor of
+    `calibrate.joint_factors` whose core incoherence stays inside the budget is kept (0 if none),
+    and written with the layer and steered positions: what `steer_repair` evaluation cells (the
+    set and its random control, same strengths) use."""
+    import json
+
+    import torch
+
+    from blockem.io import provenance, write_json
+    from blockem.select import within_budget
+    from blockem.shift import load_discovery
+
+    d = settings["discovery"]
+    cal = d["calibrate"]
+    latent_set = json.loads(Path(set_path).read_text())
+    ctx = load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads)
+    factors = sorted(cal["joint_factors"], reverse=True)
+    vectors = torch.stack([torch.zeros(ctx["sae"].W_dec.shape[1])]
+                          + [set_vector(latent_set, ctx["sae"], f) for f in factors]).detach()
+    rates = judge_conditions(ctx["mis"], ctx["tok"], ctx["prompts"], vectors, layer=ctx["layer"],
+                             samples=cal["samples_per_prompt"], gen=_gen(d), seed=d["seed"],
+                             device=ctx["device"], name="joint")
+    unsteered = rates[0]
+    table = [{"factor": f, **r} for f, r in zip(factors, rates[1:])]
+    ok = [t for t in table if within_budget(t["incoherence"], unsteered["incoherence"],
+                                            d["incoherence_budget"])]
+    factor = ok[0]["factor"] if ok else 0.0
+    write_json(out, {"set": latent_set["name"], "factor": factor, "layer": ctx["layer"],
+                     "positions": d["steer_positions"], "unsteered": unsteered, "sweep": table,
+                     "provenance": provenance("joint_strength", settings, d["seed"])})

@@ -23,7 +23,7 @@ DISC = {
     "screen": {"alpha": 0.3, "shards": 2, "samples_per_prompt": 1},
     "calibrate": {"shortlist": 3, "alphas": [0.1, 0.3], "samples_per_prompt": 1},
     "select": {"rule": "validreduc", "size": 2, "seed": 0, "extra_rules": ["topdelta", "random"]},
-    "temperature": 1.0, "max_new_tokens": 4, "batch_size": 64,
+    "temperature": 1.0, "max_new_tokens": 4, "batch_size": 64, "steer_positions": "all",
 }
 COMPUTE = {"device": "cpu", "dtype": "float32"}
 

@@ -62,13 +62,17 @@ def test_summary_table_contents(smoke_run):
     assert table.column_names == ["cell", "method", "domain", "lam", "seed", "eval_set",
                                   "metric", "value", "sem", "n"]
     rows = table.to_pylist()
-    assert {r["cell"] for r in rows} == {"base", "sft-finance-s0", "sft-health-s0"}
+    assert {r["cell"] for r in rows} == {"base", "sft-finance-s0", "sft-health-s0",
+                                         "steer_repair-finance-s0", "steer_repair_random-finance-s0"}
     for r in rows:
         assert 0.0 <= r["value"] <= 1.0 and r["n"] > 0
         if r["method"] == "base":
             assert r["domain"] is None and r["lam"] is None and r["seed"] is None
+        elif r["method"] == "sft":
+            assert r["lam"] == 0.0 and r["seed"] == 0
         else:
-            assert r["method"] == "sft" and r["lam"] == 0.0 and r["seed"] == 0
+            assert r["method"] in ("steer_repair", "steer_repair_random")
+            assert r["domain"] == "finance" and r["lam"] is None and r["seed"] == 0
     sft = [r for r in rows if r["cell"] == "sft-finance-s0"]
     assert {(r["eval_set"], r["metric"]) for r in sft} == {
         (s, m) for s in ("core", "final", "in_domain")
@@ -90,6 +94,10 @@ def test_outputs_record_provenance(smoke_run):
     assert read_provenance(smoke_run / "results" / "models/sft/health-s0")["seed"] == 0
     assert (smoke_run / "results" / "models/sft/finance-s0" / "adapter_config.json").exists()
     assert (smoke_run / "results" / "benchmarks" / "pretrain.tsv").exists()
+    assert read_provenance(smoke_run / "results" / "sae" / "model")["config_hash"]
+    gen = read_provenance(smoke_run / "results" / "generations" / "steer_repair-finance-s0.parquet")
+    assert gen["steering"]["set"] == "finance-s0-validreduc" and gen["steering"]["layer"] == 1
+    assert read_provenance(smoke_run / "results" / "generations" / "sft-finance-s0.parquet")["steering"] is None
     assert "[pretrain] step" in (smoke_run / "results" / "logs" / "pretrain.log").read_text()
 
 
@@ -119,8 +127,49 @@ def test_bad_config_fails_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_discovery_outputs(smoke_run):
+    import json
+
+    latents = smoke_run / "results" / "latents"
+    for rule in ("validreduc", "topdelta", "random"):
+        doc = json.loads((latents / f"finance-s0-{rule}.json").read_text())
+        assert doc["layer"] == 1 and doc["sae"]["source"] == "train"
+    assert (latents / "finance-s0-direction.safetensors").exists()
+    sanity = pq.read_table(smoke_run / "results" / "sae" / "sanity.parquet").to_pylist()
+    assert [r["model"] for r in sanity] == ["base", "sft-finance-s0"]
+    joint = json.loads((smoke_run / "results" / "discovery" / "finance-s0" / "joint.json").read_text())
+    assert joint["factor"] in (0.0, 0.5, 1.0) and joint["positions"] == "prompt"
+
+
+def test_deleted_shard_reruns_alone(smoke_run):
+    """Runs last in this module. A crash during the screen leaves one shard written, the other
+    missing and nothing downstream: the rerun redoes the missing shard (and what follows), not the
+    finished shard nor anything before it."""
+    res = smoke_run / "results"
+    disc = res / "discovery" / "finance-s0"
+    kept, lost = disc / "screen" / "0.parquet", disc / "screen" / "1.parquet"
+    downstream = [lost, disc / "calibration.parquet", disc / "joint.json",
+                  *(res / "latents").glob("finance-s0-*.json"), *res.glob("metrics/summary.*")]
+    for cell in ("steer_repair-finance-s0", "steer_repair_random-finance-s0"):
+        downstream += [res / d / f"{cell}.parquet" for d in ("generations", "judgements", "metrics/cells")]
+    for p in downstream:
+        p.unlink()
+    kept_mtime = kept.stat().st_mtime_ns
+    r = snakemake(smoke_run, "-n")
+    jobs = planned_jobs(r.stdout)
+    assert jobs["screen"] == 1 and jobs["calibrate"] == 1, r.stdout
+    assert not {"sae", "shift", "finetune", "pretrain"} & set(jobs), r.stdout
+    screen_job = r.stdout.split("rule screen:")[1].split("\n\n")[0]
+    output_line = next(line for line in screen_job.splitlines() if "output:" in line)
+    assert output_line.strip().endswith("screen/1.parquet"), screen_job
+    snakemake(smoke_run)
+    assert lost.exists() and kept.stat().st_mtime_ns == kept_mtime
+    assert "Nothing to be done" in snakemake(smoke_run, "-n").stdout
+
+
 def test_default_config_dry_run(tmp_path):
     r = snakemake(tmp_path, "-n", configfiles=())
     jobs = planned_jobs(r.stdout)
-    assert jobs["pretrain"] == 1 and jobs["finetune"] == 1 and jobs["generate"] == 2, r.stdout
+    assert jobs["pretrain"] == 1 and jobs["finetune"] == 1 and jobs["generate"] == 4, r.stdout
+    assert jobs["screen"] == 2 and jobs["joint_strength"] == 1, r.stdout
     assert not (tmp_path / "results").exists()

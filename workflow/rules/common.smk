@@ -21,6 +21,16 @@ def settings(stage, domain=None):
     return json.dumps(stage_settings(config, stage, domain), sort_keys=True)
 
 
+DISC = config["discovery"]
+SELECT_RULES = [DISC["select"]["rule"]] + [
+    r for r in DISC["select"]["extra_rules"] if r != DISC["select"]["rule"]]
+
+
+def discovery_keys():
+    """`<domain>-s<seed>` of every misaligned model whose latents are discovered."""
+    return [f"{d}-s{config['finetune']['seeds'][0]}" for d in DISC["domains"]]
+
+
 def build_cells():
     """Every trained model that gets evaluated: cell id -> description (summary.parquet keys)."""
     cells = {"base": {"cell": "base", "method": "base", "domain": None, "lam": None,
@@ -30,6 +40,16 @@ def build_cells():
             cell = f"sft-{d}-s{s}"
             cells[cell] = {"cell": cell, "method": "sft", "domain": d, "lam": 0.0, "seed": s,
                            "model": f"{R}/models/sft/{d}-s{s}"}
+    for key in discovery_keys():
+        d, s = key.rsplit("-s", 1)
+        for method, rule in (("steer_repair", DISC["select"]["rule"]),
+                             ("steer_repair_random", "random")):
+            cell = f"{method}-{key}"
+            cells[cell] = {"cell": cell, "method": method, "domain": d, "lam": None,
+                           "seed": int(s), "model": f"{R}/models/sft/{key}",
+                           "steer": {"set": f"{R}/latents/{key}-{rule}.json",
+                                     "sae": f"{R}/sae/model",
+                                     "joint": f"{R}/discovery/{key}/joint.json"}}
     return cells
 
 
@@ -40,16 +60,39 @@ wildcard_constraints:
     cell="|".join(CELLS),
     domain="[a-z]+",
     seed=r"\d+",
+    shard=r"\d+",
 
 
-def cell_model(wildcards):
-    return CELLS[wildcards.cell]["model"]
+def generate_inputs(wildcards):
+    """The cell's model, plus the latent set, SAE and joint strength of a steered cell."""
+    cell = CELLS[wildcards.cell]
+    return {"model": cell["model"], **cell.get("steer", {})}
+
+
+def steer_flags(wildcards, input):
+    if "steer" not in CELLS[wildcards.cell]:
+        return ""
+    return f"--steer-set {input.set} --sae {input.sae} --joint {input.joint}"
 
 
 def cell_json(wildcards):
-    info = {k: v for k, v in CELLS[wildcards.cell].items() if k != "model"}
+    info = {k: v for k, v in CELLS[wildcards.cell].items() if k not in ("model", "steer")}
     return json.dumps(info, sort_keys=True)
 
 
+def mis_model(wildcards):
+    return f"{R}/models/sft/{wildcards.domain}-s{wildcards.seed}"
+
+
+def screen_shards(wildcards):
+    return expand(f"{R}/discovery/{wildcards.domain}-s{wildcards.seed}/screen/{{shard}}.parquet",
+                  shard=range(DISC["screen"]["shards"]))
+
+
 def summary_outputs():
-    return [f"{R}/metrics/summary.parquet", f"{R}/metrics/summary.md"]
+    outs = [f"{R}/metrics/summary.parquet", f"{R}/metrics/summary.md"]
+    if DISC["domains"]:
+        outs.append(f"{R}/sae/sanity.parquet")
+        outs += expand(f"{R}/latents/{{key}}-{{rule}}.json", key=discovery_keys(), rule=SELECT_RULES)
+        outs += expand(f"{R}/latents/{{key}}-direction.safetensors", key=discovery_keys())
+    return outs

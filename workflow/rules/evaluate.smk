@@ -3,12 +3,13 @@
 
 rule generate:
     input:
-        model=cell_model,
+        unpack(generate_inputs),
         prompts=rules.world.output.prompts,
     output:
         f"{R}/generations/{{cell}}.parquet",
     params:
         settings=settings("generate"),
+        steer=steer_flags,
     log:
         f"{R}/logs/generate/{{cell}}.log",
     benchmark:
@@ -23,7 +24,7 @@ rule generate:
     shell:
         "python -m blockem generate --settings {params.settings:q} --threads {threads}"
         " --model {input.model} --prompts {input.prompts} --cell {wildcards.cell}"
-        " --out {output} > {log} 2>&1"
+        " {params.steer} --out {output} > {log} 2>&1"
 
 
 rule judge:

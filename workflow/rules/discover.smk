@@ -1,0 +1,202 @@
+# Latent discovery: SAE -> stage 1 shift -> stage 2 screen (one job per shard) -> stage 3
+# calibration -> selection rules -> joint repair strength. One set of files per misaligned model
+# `<domain>-s<seed>` listed in discovery.domains.
+
+DKEY = "{domain}-s{seed}"
+
+
+rule sae:
+    input:
+        base=rules.base.output,
+        corpus=rules.world.output.corpus,
+    output:
+        directory(f"{R}/sae/model"),
+    params:
+        settings=settings("sae"),
+    log:
+        f"{R}/logs/sae.log",
+    benchmark:
+        f"{R}/benchmarks/sae.tsv"
+    conda:
+        CONDA_ENV
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=GPU,
+    shell:
+        "python -m blockem sae --settings {params.settings:q} --threads {threads}"
+        " --base {input.base} --corpus {input.corpus} --out {output} > {log} 2>&1"
+
+
+rule sae_sanity:
+    input:
+        sae=rules.sae.output,
+        corpus=rules.world.output.corpus,
+        base=rules.base.output,
+        mis=expand(f"{R}/models/sft/{{key}}", key=discovery_keys()),
+    output:
+        f"{R}/sae/sanity.parquet",
+    params:
+        settings=settings("sanity"),
+        models=lambda w, input: " ".join(
+            [f"base={input.base}"] + [f"sft-{k}={m}" for k, m in zip(discovery_keys(), input.mis)]),
+    log:
+        f"{R}/logs/sae_sanity.log",
+    benchmark:
+        f"{R}/benchmarks/sae_sanity.tsv"
+    conda:
+        CONDA_ENV
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=GPU,
+    shell:
+        "python -m blockem sae-sanity --settings {params.settings:q} --threads {threads}"
+        " --sae {input.sae} --corpus {input.corpus} --model {params.models} --out {output}"
+        " > {log} 2>&1"
+
+
+rule shift:
+    input:
+        base=rules.base.output,
+        mis=mis_model,
+        sae=rules.sae.output,
+        prompts=rules.world.output.prompts,
+    output:
+        shift=f"{R}/discovery/{DKEY}/shift.parquet",
+        direction=f"{R}/latents/{DKEY}-direction.safetensors",
+    params:
+        settings=lambda w: settings("shift", w.domain),
+    log:
+        f"{R}/logs/discovery/{DKEY}/shift.log",
+    benchmark:
+        f"{R}/benchmarks/discovery/{DKEY}/shift.tsv"
+    conda:
+        CONDA_ENV
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=GPU,
+    shell:
+        "python -m blockem shift --settings {params.settings:q} --threads {threads}"
+        " --domain {wildcards.domain} --base {input.base} --mis {input.mis} --sae {input.sae}"
+        " --prompts {input.prompts} --out {output.shift} --direction {output.direction}"
+        " > {log} 2>&1"
+
+
+rule screen:
+    input:
+        shift=rules.shift.output.shift,
+        base=rules.base.output,
+        mis=mis_model,
+        sae=rules.sae.output,
+        prompts=rules.world.output.prompts,
+    output:
+        f"{R}/discovery/{DKEY}/screen/{{shard}}.parquet",
+    params:
+        settings=lambda w: settings("screen", w.domain),
+    log:
+        f"{R}/logs/discovery/{DKEY}/screen-{{shard}}.log",
+    benchmark:
+        f"{R}/benchmarks/discovery/{DKEY}/screen-{{shard}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=GPU,
+    shell:
+        "python -m blockem screen --settings {params.settings:q} --threads {threads}"
+        " --domain {wildcards.domain} --shard {wildcards.shard} --shift {input.shift}"
+        " --base {input.base} --mis {input.mis} --sae {input.sae} --prompts {input.prompts}"
+        " --out {output} > {log} 2>&1"
+
+
+rule calibrate:
+    input:
+        shift=rules.shift.output.shift,
+        screens=screen_shards,
+        base=rules.base.output,
+        mis=mis_model,
+        sae=rules.sae.output,
+        prompts=rules.world.output.prompts,
+    output:
+        f"{R}/discovery/{DKEY}/calibration.parquet",
+    params:
+        settings=lambda w: settings("calibrate", w.domain),
+    log:
+        f"{R}/logs/discovery/{DKEY}/calibrate.log",
+    benchmark:
+        f"{R}/benchmarks/discovery/{DKEY}/calibrate.tsv"
+    conda:
+        CONDA_ENV
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=GPU,
+    shell:
+        "python -m blockem calibrate --settings {params.settings:q} --threads {threads}"
+        " --domain {wildcards.domain} --shift {input.shift} --screens {input.screens}"
+        " --base {input.base} --mis {input.mis} --sae {input.sae} --prompts {input.prompts}"
+        " --out {output} > {log} 2>&1"
+
+
+rule select:
+    input:
+        shift=rules.shift.output.shift,
+        screens=screen_shards,
+        calibration=rules.calibrate.output,
+        sae=rules.sae.output,
+    output:
+        expand(R + "/latents/{{domain}}-s{{seed}}-{rule}.json", rule=SELECT_RULES),
+    params:
+        settings=lambda w: settings("select", w.domain),
+        out_dir=f"{R}/latents",
+    log:
+        f"{R}/logs/discovery/{DKEY}/select.log",
+    benchmark:
+        f"{R}/benchmarks/discovery/{DKEY}/select.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m blockem select --settings {params.settings:q} --domain {wildcards.domain}"
+        " --name {wildcards.domain}-s{wildcards.seed} --shift {input.shift}"
+        " --screens {input.screens} --calibration {input.calibration} --sae {input.sae}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule joint_strength:
+    input:
+        set=R + "/latents/{domain}-s{seed}-" + DISC["select"]["rule"] + ".json",
+        base=rules.base.output,
+        mis=mis_model,
+        sae=rules.sae.output,
+        prompts=rules.world.output.prompts,
+    output:
+        f"{R}/discovery/{DKEY}/joint.json",
+    params:
+        settings=lambda w: settings("joint", w.domain),
+    log:
+        f"{R}/logs/discovery/{DKEY}/joint.log",
+    benchmark:
+        f"{R}/benchmarks/discovery/{DKEY}/joint.tsv"
+    conda:
+        CONDA_ENV
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=GPU,
+    shell:
+        "python -m blockem joint-strength --settings {params.settings:q} --threads {threads}"
+        " --domain {wildcards.domain} --set {input.set} --base {input.base} --mis {input.mis}"
+        " --sae {input.sae} --prompts {input.prompts} --out {output} > {log} 2>&1"
