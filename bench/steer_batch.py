@@ -1,7 +1,7 @@
 """Stage-2 screen: batched steering (one generate call for many conditions) vs one call each.
 
 Times the same screen both ways on the default organism and prints the ratio:
-    python bench/steer_batch.py [--latents 16] [--samples 3] [--threads 2]
+    python bench/steer_batch.py [--latents 16] [--samples N] [--batch-size N] [--threads 2]
 Needs the default run's models (`snakemake --cores 2` first). The steering directions are random
 unit vectors at the SAE scale: the cost of a screen does not depend on which latents it tests.
 """
@@ -21,9 +21,7 @@ def main() -> None:
     ap.add_argument("--results", default=str(REPO / "results"))
     ap.add_argument("--domain", default="finance")
     ap.add_argument("--latents", type=int, default=16)
-    ap.add_argument("--samples", type=int, default=3)
-    ap.add_argument("--layer", type=int, default=2)
-    ap.add_argument("--alpha", type=float, default=0.2)
+    ap.add_argument("--samples", type=int, default=0, help="default: discovery.screen")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=0, help="rows per generate call (default: eval.batch_size)")
     args = ap.parse_args()
@@ -36,6 +34,8 @@ def main() -> None:
     from blockem.steer import judge_conditions
 
     cfg = load_config(REPO / "config" / "config.yaml")
+    disc = cfg["discovery"]
+    samples = args.samples or disc["screen"]["samples_per_prompt"]
     R = Path(args.results)
     base_dir = R / "models" / "base"
     mis_dir = R / "models" / "sft" / f"{args.domain}-s{cfg['finetune']['seeds'][0]}"
@@ -49,10 +49,11 @@ def main() -> None:
     d = models["induce"].config.hidden_size
     g = torch.Generator().manual_seed(0)
     dirs = torch.nn.functional.normalize(torch.randn(args.latents, d, generator=g), dim=-1)
-    vectors = torch.cat([torch.zeros(1, d), args.alpha * 12.5 * dirs])
-    gen = {"temperature": cfg["eval"]["temperature"], "max_new_tokens": cfg["eval"]["max_new_tokens"],
-           "batch_size": args.batch_size or cfg["eval"]["batch_size"]}
-    kw = dict(layer=args.layer, samples=args.samples, gen=gen, seed=0)
+    scale = 12.5  # about the toy's median residual norm at layer 2
+    vectors = torch.cat([torch.zeros(1, d), disc["screen"]["alpha"] * scale * dirs])
+    gen = {"temperature": disc["temperature"], "max_new_tokens": disc["max_new_tokens"],
+           "batch_size": args.batch_size or disc["batch_size"], "positions": disc["steer_positions"]}
+    kw = dict(layer=disc["layer"], samples=samples, gen=gen, seed=0)
 
     def batched():
         for model in models.values():
@@ -74,7 +75,8 @@ def main() -> None:
             times[name] = time.perf_counter() - t0
     conditions = 2 * len(vectors)
     ratio = times["per_condition"] / times["batched"]
-    print(json.dumps({"conditions": conditions, "prompts": len(prompts), "samples": args.samples,
+    print(json.dumps({"conditions": conditions, "prompts": len(prompts), "samples": samples,
+                      "batch_size": gen["batch_size"],
                       "batched_s": round(times["batched"], 2),
                       "per_condition_s": round(times["per_condition"], 2),
                       "steer_batch_speedup": round(ratio, 1)}, indent=2))

@@ -35,8 +35,8 @@ def generate_rows(model, tokenizer, rows: list[list[int]], *, temperature: float
     """One answer per row of prompt token ids, in left-padded batches.
 
     `steer` ([n_rows, d] tensor) adds row i's vector to the residual after `model.layers[layer]`
-    at every position of row i (prompt and generated tokens), so one `generate` call serves many
-    steering conditions at once."""
+    at the `positions` of row i (see `steering`), so one `generate` call serves many steering
+    conditions at once."""
     import torch
     from transformers import GenerationConfig
 
@@ -74,6 +74,8 @@ def steering(model, layer: int | None, vectors, positions: str = "all"):
 
     `positions`: `all` (every position, prompt and generated) or `prompt` (the prompt only: the
     prefill forward; generated tokens then run unsteered on top of the steered cache)."""
+    if positions not in ("all", "prompt"):
+        raise ValueError(f"unknown steering positions {positions!r}; choose 'all' or 'prompt'")
     if vectors is None:
         yield
         return
@@ -86,8 +88,6 @@ def steering(model, layer: int | None, vectors, positions: str = "all"):
             return (output[0] + vec.to(output[0].dtype)[:, None, :], *output[1:])
         return output + vec.to(output.dtype)[:, None, :]
 
-    if positions not in ("all", "prompt"):
-        raise ValueError(f"unknown steering positions {positions!r}; choose 'all' or 'prompt'")
     vec = vectors.to(next(model.parameters()).device)
     handle = decoder_layers(model)[layer].register_forward_hook(hook)
     try:

@@ -42,6 +42,21 @@ def test_per_row_vectors_steer_only_their_rows(tiny_model, tokenizer):
     assert not torch.allclose(steered[1], plain[1], atol=1e-3)
 
 
+def test_prompt_positions_steer_the_prefill_but_not_decoding_steps(tiny_model, tokenizer):
+    """`prompt` steering: a multi-token (prefill) forward is steered, a one-token (decode) is not."""
+    ids, mask = batch(tokenizer)
+    vec = 3.0 * torch.ones(2, 32)
+    plain = logits(tiny_model, ids, mask)
+    with torch.no_grad(), steering(tiny_model, 0, vec, positions="prompt"):
+        prefill = tiny_model(input_ids=ids, attention_mask=mask).logits
+        one = tiny_model(input_ids=ids[:, :1]).logits
+    assert not torch.allclose(prefill, plain, atol=1e-3)
+    assert torch.allclose(one, logits(tiny_model, ids[:, :1], None), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown steering positions"):
+        with steering(tiny_model, 0, None, positions="answers"):
+            pass
+
+
 def test_hook_is_removed_after_the_block(tiny_model, tokenizer):
     ids, mask = batch(tokenizer)
     plain = logits(tiny_model, ids, mask)
