@@ -224,13 +224,12 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--sae", help="SAE directory of the latent set")
     sp.add_argument("--joint", help="joint strength JSON (factor, layer, positions)")
 
-    def discovery(name, fn, help, *, models=True, domain=True):
+    def discovery(name, fn, help):
+        """A stage on the base/misaligned pair: models, SAE, prompts, domain, output."""
         sp = stage(name, fn, help, threads=True)
-        if models:
-            for a in ("--base", "--mis", "--sae", "--prompts"):
-                sp.add_argument(a, required=True)
-        if domain:
-            sp.add_argument("--domain", required=True, help="fine-tuning domain of the mis model")
+        for a in ("--base", "--mis", "--sae", "--prompts"):
+            sp.add_argument(a, required=True)
+        sp.add_argument("--domain", required=True, help="fine-tuning domain of the mis model")
         sp.add_argument("--out", required=True)
         return sp
 

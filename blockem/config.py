@@ -178,11 +178,8 @@ def stage_settings(cfg: dict, stage: str, domain: str | None = None) -> dict:
     if stage == "judge":
         return {"judge": cfg["judge"]}
     if stage in DISCOVERY_KEYS:
-        d = cfg["discovery"]
-        keys = DISCOVERY_KEYS[stage]
-        out = {"discovery": {k: d[k] for k in keys}, "compute": compute}
-        if stage in ("sae", "sanity"):
-            return {**out["discovery"], "compute": compute}
-        out["domain"] = domain
-        return out
+        sub = {k: cfg["discovery"][k] for k in DISCOVERY_KEYS[stage]}
+        if stage in ("sae", "sanity"):  # one per config, read flat by their stage functions
+            return {**sub, "compute": compute}
+        return {"discovery": sub, "compute": compute, "domain": domain}
     raise KeyError(f"no settings for stage {stage!r}")

@@ -123,6 +123,11 @@ def read_meta(path: str | Path) -> dict:
     return json.loads((Path(path) / META_FILE).read_text())
 
 
+def steering_scale(meta: dict, setting) -> float:
+    """The steering unit: the SAE's recorded median residual norm, or a configured number."""
+    return meta["median_norm"] if setting == "median" else float(setting)
+
+
 def sae_from_source(source: dict, device: str = "cpu"):
     """An SAE from `pretrained` (Hub) or `disk`; `train` is handled by `train_sae`."""
     from sae_lens import SAE
@@ -143,6 +148,7 @@ def train_sae(acts, *, architecture: str, d_sae: int, params: dict, steps: int,
     Returns the TrainingSAE and a per-step log."""
     import torch
     from sae_lens.registry import get_sae_training_class
+    from sae_lens.saes.sae import TrainStepInput
 
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown SAE architecture {architecture!r}; choose from {ARCHITECTURES}")
@@ -166,8 +172,6 @@ def train_sae(acts, *, architecture: str, d_sae: int, params: dict, steps: int,
                 values[name] = float(c)
             else:
                 values[name] = c.value * min(1.0, (step + 1) / max(1, c.warm_up_steps))
-        from sae_lens.saes.sae import TrainStepInput
-
         out = sae.training_forward_pass(TrainStepInput(
             sae_in=acts[idx], coefficients=values, dead_neuron_mask=since_fired > dead_window,
             n_training_steps=step, is_logging_step=False))

@@ -150,7 +150,7 @@ def select_stage(shift_path: Path, screen_paths: list[Path], calib_path: Path, s
     import pyarrow.parquet as pq
 
     from blockem.io import provenance, write_json
-    from blockem.sae import read_meta
+    from blockem.sae import read_meta, steering_scale
 
     d = settings["discovery"]
     sel = d["select"]
@@ -159,7 +159,7 @@ def select_stage(shift_path: Path, screen_paths: list[Path], calib_path: Path, s
     screen = screen_scores(read_rows(screen_paths), budget)
     calib = calibration_scores(read_rows([calib_path]), budget)
     meta = read_meta(sae_dir)
-    scale = meta["median_norm"] if d["scale"] == "median" else float(d["scale"])
+    scale = steering_scale(meta, d["scale"])
     default = select(sel["rule"], sel["size"], shift=shift, screen=screen, calib=calib,
                      seed=sel["seed"])
     fallback = max(d["calibrate"]["alphas"])

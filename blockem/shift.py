@@ -96,27 +96,27 @@ def candidate_pool(table: dict, per_sign: int, dense_threshold: float, exclude_d
     return table, pos + neg
 
 
-def load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads: int = 1):
-    """Tokenizer, SAE, base and (merged) misaligned model, the core prompts outside the
-    fine-tuning domain, the layer and the steering scale, for stages 1-3."""
+def load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads: int = 1,
+                   with_base: bool = True):
+    """Tokenizer, SAE, base (unless `with_base` is off) and (merged) misaligned model, the core
+    prompts outside the fine-tuning domain, the layer and the steering scale, for stages 1-3."""
     import pyarrow.parquet as pq
 
     from blockem.models import load_model, load_tokenizer, resolve_device, setup_torch
-    from blockem.sae import load_sae, read_meta
+    from blockem.sae import load_sae, read_meta, steering_scale
 
     setup_torch(threads, None)
     device = resolve_device(settings["compute"]["device"])
     prompts = [r for r in pq.read_table(prompts_path).to_pylist()
                if r["eval_set"] == "core" and r["domain"] != settings["domain"]]
     meta = read_meta(sae_dir)
-    scale = settings["discovery"]["scale"]
-    scale = meta["median_norm"] if scale == "median" else float(scale)
     if not prompts:
         raise ValueError(f"{prompts_path}: no core prompts outside domain {settings['domain']!r}")
     return dict(tok=load_tokenizer(base_dir), sae=load_sae(sae_dir, device=device),
-                base=load_model(base_dir, device=device).eval(),
+                base=load_model(base_dir, device=device).eval() if with_base else None,
                 mis=load_model(mis_dir, device=device, merge_adapter=True).eval(),
-                prompts=prompts, layer=meta["layer"], scale=scale, device=device)
+                prompts=prompts, layer=meta["layer"], device=device,
+                scale=steering_scale(meta, settings["discovery"]["scale"]))
 
 
 

@@ -1,7 +1,7 @@
 """Stage 2 (induce/repair screen) and stage 3 (alpha sweeps): steering by SAE decoder directions.
 
 Steering at layer L adds alpha * scale * d_k / ||d_k|| to the residual after `model.layers[L]` at
-every position. Induce steers the base with +alpha * s_k (pushes latent k the way misalignment
+the configured positions (`discovery.steer_positions`: every position, or the prompt only). Induce steers the base with +alpha * s_k (pushes latent k the way misalignment
 did); repair steers the misaligned model with -alpha * s_k. Every (latent, alpha) condition of a
 shard is one block of rows in the same batched `generate` call (a per-row steering vector), and
 answers are labelled by the same judge as the evaluation.
@@ -157,7 +157,8 @@ def joint_strength_stage(set_path: Path, base_dir, mis_dir, sae_dir, prompts_pat
     d = settings["discovery"]
     cal = d["calibrate"]
     latent_set = json.loads(Path(set_path).read_text())
-    ctx = load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads)
+    ctx = load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads,
+                         with_base=False)
     factors = sorted(cal["joint_factors"], reverse=True)
     vectors = torch.stack([torch.zeros(ctx["sae"].W_dec.shape[1])]
                           + [set_vector(latent_set, ctx["sae"], f) for f in factors]).detach()
