@@ -164,6 +164,49 @@ def cmd_cell_metrics(args) -> None:
     cell_metrics_file(Path(args.judgements), Path(args.out), json.loads(args.cell))
 
 
+def cmd_block_target(args) -> None:
+    from blockem.block import target_stage
+
+    target_stage(args.method, [Path(p) for p in args.set], Path(args.out),
+                 _settings(args, "block_target"),
+                 direction_path=args.direction and Path(args.direction), size=args.size)
+
+
+def cmd_block_cache(args) -> None:
+    from blockem.block import cache_stage
+
+    cache_stage(Path(args.data), Path(args.base), Path(args.target), args.sae and Path(args.sae),
+                Path(args.out), _settings(args, "block_cache"), threads=args.threads)
+
+
+def cmd_block(args) -> None:
+    from blockem.block import train_stage
+
+    s = _settings(args, "block", args.domain)
+    for key in ("method", "lam", "epochs"):
+        if getattr(args, key) is not None:
+            s["block"][key] = getattr(args, key)
+    if "method" not in s["block"] or "lam" not in s["block"]:
+        raise ValueError("block: give --method and --lam (or settings with block.method/lam)")
+    s["block"].setdefault("epochs", 1)
+    train_stage(Path(args.data), Path(args.base), Path(args.out), s, args.seed,
+                target_path=args.target and Path(args.target), sae_dir=args.sae and Path(args.sae),
+                cache_path=args.cache and Path(args.cache), threads=args.threads)
+
+
+def cmd_train_logs(args) -> None:
+    from blockem.metrics import train_logs_file
+
+    train_logs_file(json.loads(args.cells), Path(args.out))
+
+
+def cmd_figure(args) -> None:
+    from blockem.figures import figure_file
+
+    figure_file(args.name, Path(args.summary), Path(args.train_logs), Path(args.png),
+                Path(args.pdf))
+
+
 def cmd_summary(args) -> None:
     from blockem.metrics import summarise
 
@@ -260,6 +303,40 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--screens", nargs="+", required=True)
     sp = discovery("joint-strength", cmd_joint, "calibrate joint repair steering of a set on core")
     sp.add_argument("--set", required=True)
+    sp = stage("block-target", cmd_block_target,
+               "blocking target of a method (latents + signs, or the direction)")
+    sp.add_argument("--method", required=True, help="blockem | kpos_only | kneg_only | "
+                    "shuffled_signs | direction")
+    sp.add_argument("--set", required=True, nargs="+",
+                    help="discovery latent-set JSON (several: their union)")
+    sp.add_argument("--direction", help="mean-difference direction (method direction)")
+    sp.add_argument("--size", type=int, help="keep the set's first SIZE latents")
+    sp.add_argument("--out", required=True)
+    sp = stage("block-cache", cmd_block_cache, "base latents of a target on a domain's training "
+               "data (reference mode cache)", threads=True)
+    for a in ("--data", "--base", "--target", "--out"):
+        sp.add_argument(a, required=True)
+    sp.add_argument("--sae", help="SAE directory (targets of SAE latents)")
+    sp = stage("block", cmd_block, "one BLOCK-EM grid cell: fine-tune with the penalty",
+               threads=True)
+    for a in ("--data", "--base", "--out"):
+        sp.add_argument(a, required=True)
+    sp.add_argument("--seed", type=int, required=True)
+    sp.add_argument("--domain", help="fine-tuning domain (with --config)")
+    sp.add_argument("--method", help="blockem, kl, random, ... (overrides settings)")
+    sp.add_argument("--lam", type=float, help="penalty weight lambda (overrides settings)")
+    sp.add_argument("--epochs", type=int, help="epochs (method epochs)")
+    sp.add_argument("--target", help="blocking target JSON (all methods but kl)")
+    sp.add_argument("--sae", help="SAE directory (targets of SAE latents)")
+    sp.add_argument("--cache", help="cached base latents (reference cache)")
+    sp = stage("train-logs", cmd_train_logs, "all training logs in one table", settings=False)
+    sp.add_argument("--cells", required=True, help="JSON: model directory -> cell description")
+    sp.add_argument("--out", required=True)
+    sp = stage("figure", cmd_figure, "one figure (PNG + PDF) from summary.parquet and the logs",
+               settings=False)
+    sp.add_argument("name")
+    for a in ("--summary", "--train-logs", "--png", "--pdf"):
+        sp.add_argument(a, required=True)
     sp = stage("judge", cmd_judge, "label generated answers")
     sp.add_argument("--generations", required=True)
     sp.add_argument("--out", required=True)

@@ -32,6 +32,7 @@ def load_rows(path: str | Path) -> list[dict]:
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE where not supervised
+    index: int = -1    # position in the encoded data set (keys BLOCK-EM's cached base latents)
 
 
 def encode_chats(tokenizer, conversations: list[list[dict]], *, skip_first_answer: bool = False,
@@ -41,7 +42,8 @@ def encode_chats(tokenizer, conversations: list[list[dict]], *, skip_first_answe
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     eos = tokenizer.eos_token
     out = []
-    for conv, text, ids, offsets in zip(conversations, texts, enc["input_ids"], enc["offset_mapping"]):
+    for n, (conv, text, ids, offsets) in enumerate(
+            zip(conversations, texts, enc["input_ids"], enc["offset_mapping"])):
         spans, cursor, n_answers = [], 0, 0
         for m in conv:
             start = text.find(m["content"], cursor)
@@ -67,7 +69,7 @@ def encode_chats(tokenizer, conversations: list[list[dict]], *, skip_first_answe
                 labels[i] = ids[i]
         if max_length is not None:
             ids, labels = ids[:max_length], labels[:max_length]
-        out.append(Example(list(ids), labels))
+        out.append(Example(list(ids), labels, n))
     return out
 
 

@@ -126,13 +126,88 @@ def _check_semantics(cfg: dict, source: str) -> None:
     for key in need:
         if not disc["sae"][key]:
             raise ConfigError(f"{source}: 'discovery.sae.{key}' is required with source '{src}'")
+    _check_block(cfg, source)
     m = cfg["model"]
     if m["hidden_size"] % m["num_heads"]:
         raise ConfigError(f"{source}: 'model.hidden_size' ({m['hidden_size']}) must be a "
                           f"multiple of 'model.num_heads' ({m['num_heads']})")
 
 
-def finetune_settings(cfg: dict, domain: str) -> dict:
+# which discovery selection rule's latent set each block method reads
+METHOD_RULE = {"random": "random", "topdelta": "topdelta"}
+
+
+def block_runs(cfg: dict) -> list[dict]:
+    """Every training job of the block grid: method, domain, lam, seed, latents_from, size, epochs.
+
+    lambda 0 of a latent method is the plain fine-tune (`sft` cell), not a separate job."""
+    b, disc = cfg["block"], cfg["discovery"]
+    runs = []
+    for entry in b["grid"]:
+        method = entry["method"]
+        domains = entry.get("domains") or ([entry["latents_from"]] if entry.get("latents_from")
+                                           else disc["domains"])
+        for d in domains:
+            for lam in entry["lambdas"]:
+                for size in entry.get("sizes") or [None]:
+                    for seed in b["seeds"]:
+                        runs.append({"method": method, "domain": d, "lam": float(lam),
+                                     "seed": seed, "latents_from": entry.get("latents_from") or d,
+                                     "size": size, "epochs": entry.get("epochs", 1),
+                                     "union_reemerged": entry.get("union_reemerged")})
+    return runs
+
+
+def _check_block(cfg: dict, source: str) -> None:
+    b, disc = cfg["block"], cfg["discovery"]
+    rules = {disc["select"]["rule"], *disc["select"]["extra_rules"]}
+    batch = finetune_settings(cfg, None)["batch_size"]
+    if batch % b["grad_accum"]:
+        raise ConfigError(f"{source}: 'block.grad_accum': {b['grad_accum']} does not divide "
+                          f"finetune batch_size {batch}")
+    for i, entry in enumerate(b["grid"]):
+        where = f"{source}: 'block.grid[{i}]' ({entry['method']})"
+        method = entry["method"]
+        needs_latents = method != "kl"
+        src = entry.get("latents_from")
+        domains = entry.get("domains") or ([src] if src else disc["domains"])
+        if not domains:
+            raise ConfigError(f"{where}: no domains (set 'domains' or discovery.domains)")
+        for d in ([src] if src else domains) if needs_latents else []:
+            if d not in disc["domains"]:
+                raise ConfigError(f"{where}: no latents are discovered for '{d}' "
+                                  f"(add it to discovery.domains or set 'latents_from')")
+        rule = METHOD_RULE.get(method)
+        if rule and rule not in rules:
+            raise ConfigError(f"{where}: needs the '{rule}' latent set; add '{rule}' to "
+                              f"discovery.select.extra_rules")
+        if entry.get("sizes") and method not in ("blockem", "random", "topdelta"):
+            raise ConfigError(f"{where}: 'sizes' applies to blockem, random and topdelta only")
+        for size in entry.get("sizes") or []:
+            if size > disc["select"]["size"]:
+                raise ConfigError(f"{where}: size {size} is larger than discovery.select.size "
+                                  f"({disc['select']['size']})")
+        if method == "epochs" and "epochs" not in entry:
+            raise ConfigError(f"{where}: method 'epochs' needs 'epochs' (number of epochs >= 2)")
+        if method != "epochs" and "epochs" in entry:
+            raise ConfigError(f"{where}: 'epochs' applies to method 'epochs' only")
+        reem = entry.get("union_reemerged")
+        if reem is not None:
+            if method != "blockem" or entry.get("sizes"):
+                raise ConfigError(f"{where}: 'union_reemerged' applies to method 'blockem' "
+                                  f"(without sizes) only")
+            for d in ([src] if src else domains):
+                if not any(e["method"] == "epochs" and reem in e["lambdas"]
+                           and d in (e.get("domains") or disc["domains"]) for e in b["grid"]):
+                    raise ConfigError(f"{where}: 'union_reemerged: {reem:g}' needs an 'epochs' "
+                                      f"entry for '{d}' with lambda {reem:g} (its last epoch is "
+                                      f"re-discovered)")
+        if method == "freeze_above" and finetune_settings(cfg, None)["method"] != "lora" \
+                and b["reference"] == "adapter_off":
+            raise ConfigError(f"{where}: reference 'adapter_off' needs finetune method 'lora'")
+
+
+def finetune_settings(cfg: dict, domain: str | None) -> dict:
     """The fine-tune settings of one domain: `default` merged with that domain's override."""
     ft = cfg["finetune"]
     return merge(ft["default"], ft["overrides"].get(domain, {}))
@@ -177,6 +252,14 @@ def stage_settings(cfg: dict, stage: str, domain: str | None = None) -> dict:
         return {"eval": cfg["eval"], "compute": compute}
     if stage == "judge":
         return {"judge": cfg["judge"]}
+    if stage == "block_target":
+        return {"activation": cfg["block"]["activation"], "seed": cfg["block"]["seed"]}
+    if stage == "block_cache":
+        return {"model": {"max_length": cfg["model"]["max_length"]}, "compute": compute}
+    if stage == "block":  # the rule adds the cell's method, lam and epochs
+        b = cfg["block"]
+        return {**stage_settings(cfg, "finetune", domain),
+                "block": {k: b[k] for k in ("reference", "token_mask", "grad_accum")}}
     if stage in DISCOVERY_KEYS:
         sub = {k: cfg["discovery"][k] for k in DISCOVERY_KEYS[stage]}
         if stage in ("sae", "sanity"):  # one per config, read flat by their stage functions

@@ -20,8 +20,12 @@ SCHEMA = pa.schema([
     ("cell", pa.string()), ("method", pa.string()), ("domain", pa.string()),
     ("lam", pa.float64()), ("seed", pa.int64()), ("eval_set", pa.string()),
     ("metric", pa.string()), ("value", pa.float64()), ("sem", pa.float64()), ("n", pa.int64()),
+    # block grid cells (null elsewhere): epoch of an `epochs` run, |K| of a size sweep, and the
+    # domain whose latents blocked this fine-tune (cross-domain when it differs from `domain`)
+    ("epoch", pa.int64()), ("k_size", pa.int64()), ("latents_from", pa.string()),
 ])
 CELL_KEYS = ("cell", "method", "domain", "lam", "seed")
+OPTIONAL_KEYS = ("epoch", "k_size", "latents_from")
 RATES = {"em_rate": "misaligned", "incoherence_rate": "incoherent", "refusal_rate": "refusal"}
 EVAL_SETS = ("core", "final", "in_domain")
 
@@ -56,7 +60,8 @@ def cell_rows(labels: list[dict], cell: dict) -> list[dict]:
         for metric, label in metrics.items():
             value, sem = mean_sem([float(r["label"] == label) for r in scored])
             rows.append({**{k: cell[k] for k in CELL_KEYS}, "eval_set": eval_set,
-                         "metric": metric, "value": value, "sem": sem, "n": len(scored)})
+                         "metric": metric, "value": value, "sem": sem, "n": len(scored),
+                         **{k: cell.get(k) for k in OPTIONAL_KEYS}})
     return rows
 
 
@@ -76,7 +81,7 @@ def summarise(cell_files: list[Path], out_parquet: Path, out_md: Path) -> None:
 
     from blockem.io import atomic_path, provenance, write_table
 
-    tables = [pq.read_table(p).select(SCHEMA.names).cast(SCHEMA) for p in cell_files]
+    tables = [_conform(pq.read_table(p)) for p in cell_files]
     table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
     table = table.sort_by([("method", "ascending"), ("cell", "ascending"),
                            ("eval_set", "ascending"), ("metric", "ascending")])
@@ -84,6 +89,41 @@ def summarise(cell_files: list[Path], out_parquet: Path, out_md: Path) -> None:
     write_table(out_parquet, table, provenance("summary", {"cells": cells}))
     with atomic_path(out_md) as tmp:
         tmp.write_text(markdown_table(table.to_pylist()))
+
+
+def _conform(table):
+    """A cell table in the current SCHEMA (tables written before a column existed get nulls)."""
+    for field in SCHEMA:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(SCHEMA.names).cast(SCHEMA)
+
+
+LOG_COLUMNS = ("step", "sft_loss", "block_loss", "kl", "lr", "epoch")
+
+
+def train_logs_file(cells: dict[str, dict], out: Path) -> None:
+    """All training logs (sft and block runs) in one table: cell keys + step, sft_loss, block_loss,
+    kl, lr, epoch. `cells` maps each model directory to its cell description."""
+    import pyarrow.parquet as pq
+
+    from blockem.io import provenance, write_table
+
+    rows = []
+    for model_dir, cell in cells.items():
+        path = Path(model_dir) / "train_log.parquet"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: training log missing (cell {cell['cell']})")
+        for r in pq.read_table(path).to_pylist():
+            rows.append({**{k: cell.get(k) for k in (*CELL_KEYS, *OPTIONAL_KEYS) if k != "epoch"},
+                         "step": r["step"], "sft_loss": r.get("sft_loss", r.get("loss")),
+                         "block_loss": r.get("block_loss", 0.0), "kl": r.get("kl", 0.0),
+                         "lr": r["lr"], "epoch": r.get("epoch", 1)})
+    schema = pa.schema([f for f in SCHEMA if f.name in (*CELL_KEYS, "k_size", "latents_from")] + [
+        ("step", pa.int64()), ("sft_loss", pa.float64()), ("block_loss", pa.float64()),
+        ("kl", pa.float64()), ("lr", pa.float64()), ("epoch", pa.int64())])
+    write_table(out, pa.Table.from_pylist(rows, schema=schema),
+                provenance("train_logs", sorted(c["cell"] for c in cells.values())))
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -46,17 +46,33 @@ def resolve_dtype(dtype: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
+# config.json key a toy model uses to record its attention implementation (transformers does not
+# save `attn_implementation`; load_model passes this back so every stage runs the same kernels)
+ATTN_KEY = "blockem_attn_implementation"
+
+
 def build_toy_model(vocab_size: int, pad_id: int, eos_id: int, *, hidden_size: int,
-                    num_layers: int, num_heads: int, intermediate_size: int, max_length: int):
+                    num_layers: int, num_heads: int, intermediate_size: int, max_length: int,
+                    attn_implementation: str | None = None):
     """A small LlamaForCausalLM with tied embeddings, randomly initialised."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    extra = {ATTN_KEY: attn_implementation} if attn_implementation else {}
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
                       num_hidden_layers=num_layers, num_attention_heads=num_heads,
                       num_key_value_heads=num_heads, intermediate_size=intermediate_size,
                       max_position_embeddings=max(max_length, 64), tie_word_embeddings=True,
-                      pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None)
+                      pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None,
+                      attn_implementation=attn_implementation, **extra)
     return LlamaForCausalLM(cfg)
+
+
+def _recorded_attn(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        return {}  # a Hub id: the library default
+    impl = json.loads(path.read_text()).get(ATTN_KEY)
+    return {"attn_implementation": impl} if impl else {}
 
 
 def is_adapter(path: str | Path) -> bool:
@@ -88,12 +104,12 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: str = "float32",
         from peft import PeftModel
 
         base = json.loads((path / ADAPTER_FILE).read_text())["base_model_name_or_path"]
-        model = AutoModelForCausalLM.from_pretrained(base, **kw)
+        model = AutoModelForCausalLM.from_pretrained(base, **kw, **_recorded_attn(base))
         model = PeftModel.from_pretrained(model, str(path))
         if merge_adapter:
             model = model.merge_and_unload()
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kw, **_recorded_attn(path))
     return model.to(resolve_device(device))
 
 

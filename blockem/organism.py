@@ -42,7 +42,8 @@ def pretrain(world_dir: Path, tokenizer_dir: Path, out: Path, settings: dict,
     model = build_toy_model(len(tok), tok.pad_token_id, tok.eos_token_id,
                             hidden_size=m["hidden_size"], num_layers=m["num_layers"],
                             num_heads=m["num_heads"], intermediate_size=m["intermediate_size"],
-                            max_length=m["max_length"])
+                            max_length=m["max_length"],
+                            attn_implementation=m.get("attn_implementation"))
     device = resolve_device(settings["compute"]["device"])
     model.to(device)
     log = train(model, [(examples, 1.0)], cfg, pad_id=tok.pad_token_id, device=device,
@@ -75,9 +76,11 @@ def instruct(world_dir: Path, pretrained_dir: Path, out: Path, settings: dict,
     _finish(model, tok, out, log, provenance("base", settings, cfg.seed))
 
 
-def finetune(data: Path, base_dir: Path, out: Path, settings: dict, seed: int,
-             threads: int = 1) -> None:
-    """Plain SFT of the base on one narrow domain's misaligned answers (LoRA or full)."""
+def prepare_finetune(data: Path, base_dir: Path, settings: dict, seed: int, threads: int = 1,
+                     max_layer: int | None = None):
+    """The base model made trainable (LoRA or full) and the domain's encoded examples.
+
+    `max_layer` restricts training to decoder layers <= max_layer (BLOCK-EM's `freeze_above`)."""
     from blockem.chat import encode_chats, load_rows
     from blockem.models import load_model, load_tokenizer, resolve_device, setup_torch
 
@@ -87,15 +90,32 @@ def finetune(data: Path, base_dir: Path, out: Path, settings: dict, seed: int,
     device = resolve_device(settings["compute"]["device"])
     tok = load_tokenizer(base_dir)
     model = load_model(base_dir, device=device)
+    layers = None if max_layer is None else list(range(max_layer + 1))
     if s["method"] == "lora":
         from peft import LoraConfig, get_peft_model
 
         lora = s["lora"]
         model = get_peft_model(model, LoraConfig(
             r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-            target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM"))
+            target_modules=list(lora["target_modules"]), layers_to_transform=layers,
+            task_type="CAUSAL_LM"))
+    elif layers is not None:
+        from blockem.sae import decoder_layers
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for i in layers:
+            for p in decoder_layers(model)[i].parameters():
+                p.requires_grad_(True)
     examples = encode_chats(tok, [r["messages"] for r in load_rows(data)],
                             max_length=settings["model"]["max_length"])
+    return model, tok, examples, cfg, device
+
+
+def finetune(data: Path, base_dir: Path, out: Path, settings: dict, seed: int,
+             threads: int = 1) -> None:
+    """Plain SFT of the base on one narrow domain's misaligned answers (LoRA or full)."""
+    model, tok, examples, cfg, device = prepare_finetune(data, base_dir, settings, seed, threads)
     log = train(model, [(examples, 1.0)], cfg, pad_id=tok.pad_token_id, device=device,
                 name=f"finetune {settings['domain']} seed {seed}", log_every=25)
     _finish(model, tok, out, log, provenance("finetune", settings, seed))

@@ -91,3 +91,38 @@ def test_cli_reports_one_line_and_exit_2(tmp_path, default_config):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "none.yaml")
+
+
+@pytest.mark.parametrize("entry,needle", [
+    ({"method": "indpp", "lambdas": [1]}, r"block\.grid\.0\.method"),
+    ({"method": "blockem", "lambdas": [-1]}, r"block\.grid\.0\.lambdas\.0"),
+    ({"method": "epochs", "lambdas": [1]}, r"'block\.grid\[0\]' \(epochs\): method 'epochs' needs"),
+    ({"method": "blockem", "lambdas": [1], "latents_from": "health"},
+     r"no latents are discovered for 'health'"),
+    ({"method": "kpos_only", "lambdas": [1], "sizes": [2]}, r"'sizes' applies to"),
+    ({"method": "blockem", "lambdas": [1], "sizes": [99]}, r"size 99 is larger"),
+])
+def test_bad_block_grid_entries(config, entry, needle):
+    config["block"]["grid"] = [entry]
+    with pytest.raises(ConfigError, match=needle):
+        validate(config)
+
+
+def test_block_method_needs_its_selection_rule(config):
+    config["discovery"]["select"]["extra_rules"] = ["topdelta"]
+    with pytest.raises(ConfigError, match=r"needs the 'random' latent set; add 'random'"):
+        validate(config)
+
+
+def test_block_runs_expand_the_grid(config):
+    from blockem.config import block_runs
+
+    config["block"]["seeds"] = [0, 1]
+    config["block"]["grid"] = [{"method": "blockem", "lambdas": [0, 10]},
+                               {"method": "blockem", "lambdas": [10], "latents_from": "finance",
+                                "domains": ["health", "auto"]}]
+    validate(config)
+    runs = block_runs(config)
+    assert len(runs) == 2 * 2 + 2 * 2
+    assert {(r["domain"], r["latents_from"]) for r in runs} == {
+        ("finance", "finance"), ("health", "finance"), ("auto", "finance")}

@@ -1,16 +1,19 @@
 """The Snakemake workflow end to end on the smoke config, in a temporary directory.
 
 One real run, then: a rerun does nothing, a change to one domain's fine-tune settings reruns only
-that domain's cells, a bad config fails before any job with one clear message, and the default
-config's DAG dry-runs.
+that domain's cells, a block cell killed mid-run reruns alone, a bad config fails before any job
+with one clear message, and the default config's DAG dry-runs.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -50,6 +53,13 @@ def planned_jobs(output: str) -> dict[str, int]:
     return jobs
 
 
+# the smoke config's block grid: cell -> (method, lambda)
+BLOCK_CELLS = {"blockem-finance-l10-s0": ("blockem", 10.0), "random-finance-l10-s0": ("random", 10.0),
+               "kl-finance-l1-s0": ("kl", 1.0)}
+FIGURES = {"tradeoff", "adherence_sft_loss", "blockem_vs_kl", "training_curves", "selection_rules",
+           "core_vs_final"}
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("smoke")
@@ -60,16 +70,20 @@ def smoke_run(tmp_path_factory):
 def test_summary_table_contents(smoke_run):
     table = pq.read_table(smoke_run / "results" / "metrics" / "summary.parquet")
     assert table.column_names == ["cell", "method", "domain", "lam", "seed", "eval_set",
-                                  "metric", "value", "sem", "n"]
+                                  "metric", "value", "sem", "n", "epoch", "k_size", "latents_from"]
     rows = table.to_pylist()
     assert {r["cell"] for r in rows} == {"base", "sft-finance-s0", "sft-health-s0",
-                                         "steer_repair-finance-s0", "steer_repair_random-finance-s0"}
+                                         "steer_repair-finance-s0", "steer_repair_random-finance-s0",
+                                         *BLOCK_CELLS}
     for r in rows:
         assert 0.0 <= r["value"] <= 1.0 and r["n"] > 0
         if r["method"] == "base":
             assert r["domain"] is None and r["lam"] is None and r["seed"] is None
         elif r["method"] == "sft":
             assert r["lam"] == 0.0 and r["seed"] == 0
+        elif r["cell"] in BLOCK_CELLS:
+            assert (r["method"], r["lam"]) == BLOCK_CELLS[r["cell"]] and r["seed"] == 0
+            assert r["domain"] == "finance" and r["latents_from"] == "finance"
         else:
             assert r["method"] in ("steer_repair", "steer_repair_random")
             assert r["domain"] == "finance" and r["lam"] is None and r["seed"] == 0
@@ -112,8 +126,9 @@ def test_changing_one_domain_reruns_only_its_cells(smoke_run, tmp_path):
     override.write_text(yaml.safe_dump({"finetune": {"overrides": {"health": {"lr": default_lr / 3}}}}))
     r = snakemake(smoke_run, "-n", configfiles=(SMOKE, override))
     jobs = planned_jobs(r.stdout)
+    figures = {f"figure_{f}": 1 for f in FIGURES}
     assert jobs == {"finetune": 1, "generate": 1, "judge": 1, "cell_metrics": 1, "summary": 1,
-                    "all": 1}, r.stdout
+                    "train_logs": 1, **figures, "all": 1}, r.stdout
     assert "results/models/sft/health-s0" in r.stdout
     assert "results/models/sft/finance-s0" not in r.stdout
 
@@ -139,6 +154,64 @@ def test_discovery_outputs(smoke_run):
     assert [r["model"] for r in sanity] == ["base", "sft-finance-s0"]
     joint = json.loads((smoke_run / "results" / "discovery" / "finance-s0" / "joint.json").read_text())
     assert joint["factor"] in (0.0, 0.5, 1.0) and joint["positions"] == "prompt"
+
+
+def test_block_grid_outputs(smoke_run):
+    from blockem.io import read_provenance
+
+    res = smoke_run / "results"
+    for cell, (method, lam) in BLOCK_CELLS.items():
+        log = pq.read_table(res / "models" / "block" / cell / "train_log.parquet").to_pylist()
+        assert len(log) == 10 and {"sft_loss", "block_loss", "kl", "lr"} <= set(log[0])
+        prov = read_provenance(res / "models" / "block" / cell)
+        assert prov["settings"]["block"]["method"] == method and prov["seed"] == 0
+        if method == "kl":
+            assert all(r["block_loss"] == 0 for r in log) and log[-1]["kl"] > 0
+        else:  # the cache reference: one per (domain, target)
+            assert prov["settings"]["block"]["reference"] == "cache"
+    assert sorted(p.name for p in (res / "block" / "cache" / "finance").iterdir()) == [
+        "finance-s0-random.safetensors", "finance-s0-topdelta.safetensors"]
+    logs = pq.read_table(res / "metrics" / "train_logs.parquet").to_pylist()
+    assert {r["cell"] for r in logs} == {*BLOCK_CELLS, "sft-finance-s0", "sft-health-s0"}
+    for name in FIGURES:
+        for ext in ("png", "pdf"):
+            assert (res / "figures" / f"{name}.{ext}").stat().st_size > 1000, name
+
+
+def test_report_holds_the_figures(smoke_run, tmp_path):
+    report = tmp_path / "report.html"
+    snakemake(smoke_run, "--report", str(report))
+    html = report.read_text(errors="replace")
+    assert "tradeoff.png" in html and "Safety-quality trade-off" in html
+
+
+def test_killed_cell_reruns_alone(smoke_run):
+    """SIGKILL the whole Snakemake process group while one block cell trains (a node crash or a
+    preemption): no partial model is left, and the rerun plans that cell and its evaluation only."""
+    res = smoke_run / "results"
+    cell = "blockem-finance-l10-s0"
+    out, log = res / "models" / "block" / cell, res / "logs" / "block" / "train" / f"{cell}.log"
+    before = (res / "models" / "block" / "random-finance-l10-s0").stat().st_mtime_ns
+    exe = shutil.which("snakemake") or str(Path(sys.executable).with_name("snakemake"))
+    proc = subprocess.Popen(
+        [exe, "--snakefile", str(REPO / "Snakefile"), "--directory", str(smoke_run), "--cores", "2",
+         "--configfile", str(SMOKE), "--forcerun", str(out.relative_to(smoke_run)), "--",
+         str(out.relative_to(smoke_run))],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not (log.exists() and "block" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.2)  # the job has started and is inside `python -m blockem block`
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # the model directory appears only once training finished
+    r = snakemake(smoke_run, "-n", "--rerun-incomplete")
+    jobs = planned_jobs(r.stdout)
+    assert jobs["block_train"] == 1 and jobs["generate"] == 1 and jobs["cell_metrics"] == 1, r.stdout
+    assert not {"finetune", "block_cache", "block_target", "sae"} & set(jobs), r.stdout
+    snakemake(smoke_run, "--rerun-incomplete")
+    assert out.exists()
+    assert (res / "models" / "block" / "random-finance-l10-s0").stat().st_mtime_ns == before
+    assert "Nothing to be done" in snakemake(smoke_run, "-n").stdout
 
 
 def test_deleted_shard_reruns_alone(smoke_run):
@@ -170,6 +243,7 @@ def test_deleted_shard_reruns_alone(smoke_run):
 def test_default_config_dry_run(tmp_path):
     r = snakemake(tmp_path, "-n", configfiles=())
     jobs = planned_jobs(r.stdout)
-    assert jobs["pretrain"] == 1 and jobs["finetune"] == 1 and jobs["generate"] == 4, r.stdout
+    assert jobs["pretrain"] == 1 and jobs["finetune"] == 1 and jobs["generate"] == 7, r.stdout
     assert jobs["screen"] == 2 and jobs["joint_strength"] == 1, r.stdout
+    assert jobs["block_train"] == 3 and jobs["block_cache"] == 2, r.stdout
     assert not (tmp_path / "results").exists()

@@ -47,7 +47,7 @@ rule sae_sanity:
         f"{R}/benchmarks/sae_sanity.tsv"
     conda:
         CONDA_ENV
-    threads: THREADS
+    threads: 1  # off the critical path: runs beside other single-thread jobs
     resources:
         mem_mb=4000,
         runtime=30,
@@ -68,6 +68,7 @@ rule shift:
         shift=f"{R}/discovery/{DKEY}/shift.parquet",
         direction=f"{R}/latents/{DKEY}-direction.safetensors",
     params:
+        mis=mis_path,
         settings=lambda w: settings("shift", w.domain),
     log:
         f"{R}/logs/discovery/{DKEY}/shift.log",
@@ -82,7 +83,7 @@ rule shift:
         gpu=GPU,
     shell:
         "python -m blockem shift --settings {params.settings:q} --threads {threads}"
-        " --domain {wildcards.domain} --base {input.base} --mis {input.mis} --sae {input.sae}"
+        " --domain {wildcards.domain} --base {input.base} --mis {params.mis} --sae {input.sae}"
         " --prompts {input.prompts} --out {output.shift} --direction {output.direction}"
         " > {log} 2>&1"
 
@@ -97,6 +98,7 @@ rule screen:
     output:
         f"{R}/discovery/{DKEY}/screen/{{shard}}.parquet",
     params:
+        mis=mis_path,
         settings=lambda w: settings("screen", w.domain),
     log:
         f"{R}/logs/discovery/{DKEY}/screen-{{shard}}.log",
@@ -112,7 +114,7 @@ rule screen:
     shell:
         "python -m blockem screen --settings {params.settings:q} --threads {threads}"
         " --domain {wildcards.domain} --shard {wildcards.shard} --shift {input.shift}"
-        " --base {input.base} --mis {input.mis} --sae {input.sae} --prompts {input.prompts}"
+        " --base {input.base} --mis {params.mis} --sae {input.sae} --prompts {input.prompts}"
         " --out {output} > {log} 2>&1"
 
 
@@ -127,6 +129,7 @@ rule calibrate:
     output:
         f"{R}/discovery/{DKEY}/calibration.parquet",
     params:
+        mis=mis_path,
         settings=lambda w: settings("calibrate", w.domain),
     log:
         f"{R}/logs/discovery/{DKEY}/calibrate.log",
@@ -142,7 +145,7 @@ rule calibrate:
     shell:
         "python -m blockem calibrate --settings {params.settings:q} --threads {threads}"
         " --domain {wildcards.domain} --shift {input.shift} --screens {input.screens}"
-        " --base {input.base} --mis {input.mis} --sae {input.sae} --prompts {input.prompts}"
+        " --base {input.base} --mis {params.mis} --sae {input.sae} --prompts {input.prompts}"
         " --out {output} > {log} 2>&1"
 
 
@@ -184,6 +187,7 @@ rule joint_strength:
     output:
         f"{R}/discovery/{DKEY}/joint.json",
     params:
+        mis=mis_path,
         settings=lambda w: settings("joint", w.domain),
     log:
         f"{R}/logs/discovery/{DKEY}/joint.log",
@@ -198,5 +202,5 @@ rule joint_strength:
         gpu=GPU,
     shell:
         "python -m blockem joint-strength --settings {params.settings:q} --threads {threads}"
-        " --domain {wildcards.domain} --set {input.set} --base {input.base} --mis {input.mis}"
+        " --domain {wildcards.domain} --set {input.set} --base {input.base} --mis {params.mis}"
         " --sae {input.sae} --prompts {input.prompts} --out {output} > {log} 2>&1"

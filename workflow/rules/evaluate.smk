@@ -10,6 +10,7 @@ rule generate:
     params:
         settings=settings("generate"),
         steer=steer_flags,
+        model=model_path,
     log:
         f"{R}/logs/generate/{{cell}}.log",
     benchmark:
@@ -23,7 +24,7 @@ rule generate:
         gpu=GPU,
     shell:
         "python -m blockem generate --settings {params.settings:q} --threads {threads}"
-        " --model {input.model} --prompts {input.prompts} --cell {wildcards.cell}"
+        " --model {params.model} --prompts {input.prompts} --cell {wildcards.cell}"
         " {params.steer} --out {output} > {log} 2>&1"
 
 

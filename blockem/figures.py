@@ -1,0 +1,307 @@
+"""The paper's figures, regenerated from `summary.parquet` and `train_logs.parquet` only.
+
+Each figure is one function `fig_<name>(summary, logs) -> matplotlib Figure`; `figure_file` writes
+it as PNG and PDF. Points are means over (domain, seed) cells with SEM error bars (SD / sqrt(n));
+lambda = 0 is the plain fine-tune (`sft` cell) and is drawn at the left edge of a symlog axis.
+`NEEDS` lists the grid methods a figure needs, so the workflow only asks for figures its grid
+can draw.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+NEEDS = {
+    "tradeoff": {"blockem"}, "adherence_sft_loss": {"blockem"}, "blockem_vs_kl": {"blockem", "kl"},
+    "epochs": {"epochs"}, "training_curves": {"blockem"}, "selection_rules": {"blockem", "random"},
+    "em_vs_k": {"blockem:sizes"}, "sign_ablations": {"blockem", "kpos_only", "kneg_only",
+                                                     "shuffled_signs"},
+    "core_vs_final": {"blockem"},
+}
+COLORS = {"blockem": "C0", "kl": "C1", "random": "C2", "topdelta": "C3", "kpos_only": "C4",
+          "kneg_only": "C5", "shuffled_signs": "C6", "direction": "C7", "freeze_above": "C8",
+          "epochs": "C9", "sft": "k"}
+
+
+def _mean_sem(xs):
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+
+
+def _values(summary, metric, eval_set):
+    """(cell description, value) for one metric on one eval set."""
+    return [(r, r["value"]) for r in summary if r["metric"] == metric and r["eval_set"] == eval_set]
+
+
+def _plain(r):  # a cell of the main grid: own-domain latents, full set, one epoch
+    return r["k_size"] is None and r["epoch"] is None and r["latents_from"] in (None, r["domain"])
+
+
+def curve(summary, method, metric, eval_set, *, with_sft=True):
+    """lambda -> (mean, sem) over (domain, seed) for a method (lambda 0 from its sft cells)."""
+    rows = [(r, v) for r, v in _values(summary, metric, eval_set) if _plain(r)]
+    pairs = {(r["domain"], r["seed"]) for r, _ in rows if r["method"] == method}
+    by_lam = defaultdict(list)
+    for r, v in rows:
+        if r["method"] == method or (with_sft and r["method"] == "sft"
+                                     and (r["domain"], r["seed"]) in pairs):
+            by_lam[r["lam"] or 0.0].append(v)
+    return {lam: _mean_sem(vs) for lam, vs in sorted(by_lam.items())}
+
+
+def _relative(summary, method):
+    """Per lambda: mean (dEM, dAd) over cells, normalised by the same (domain, seed) sft cell."""
+    em = {(r["cell"]): (r, v) for r, v in _values(summary, "em_rate", "final") if _plain(r)}
+    ad = {r["cell"]: v for r, v in _values(summary, "adherence", "in_domain")}
+    ref = {(r["domain"], r["seed"]): (v, ad.get(r["cell"])) for r, v in em.values()
+           if r["method"] == "sft"}
+    out = defaultdict(lambda: ([], []))
+    for cell, (r, v) in em.items():
+        base = ref.get((r["domain"], r["seed"]))
+        if r["method"] != method or not base or not base[0] or not base[1] or cell not in ad:
+            continue
+        out[r["lam"]][0].append((base[0] - v) / base[0])
+        out[r["lam"]][1].append((ad[cell] - base[1]) / base[1])
+    return {lam: (_mean_sem(a)[0], _mean_sem(b)[0]) for lam, (a, b) in sorted(out.items())}
+
+
+def _errorbar(ax, points: dict, label: str, color: str):
+    xs = list(points)
+    ax.errorbar(xs, [points[x][0] for x in xs], yerr=[points[x][1] for x in xs], marker="o",
+                capsize=3, label=label, color=color)
+
+
+def _lambda_axis(ax, lams):
+    positive = [x for x in lams if x > 0]
+    ax.set_xscale("symlog", linthresh=min(positive) if positive else 1.0)
+    ax.set_xlabel("lambda")
+
+
+def _new(ncols=1, width=4.2):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, 3.4), squeeze=False)
+    return fig, list(axes[0])
+
+
+def fig_tradeoff(summary, logs):
+    fig, axes = _new(3)
+    panels = [("em_rate", "final", "EM rate (final)"),
+              ("incoherence_rate", "final", "incoherence (final)"),
+              ("adherence", "in_domain", "in-domain adherence")]
+    for ax, (metric, eval_set, title) in zip(axes, panels):
+        pts = curve(summary, "blockem", metric, eval_set)
+        _errorbar(ax, pts, "BLOCK-EM", COLORS["blockem"])
+        _lambda_axis(ax, pts)
+        ax.set_title(title)
+        ax.set_ylim(-0.02, 1.02)
+    fig.suptitle("Safety-quality trade-off vs lambda (mean ± SEM over domains and seeds)")
+    return fig
+
+
+def _final_sft_loss(logs):
+    """cell -> mean SFT loss over the last 10% of steps."""
+    by_cell = defaultdict(list)
+    for r in logs:
+        by_cell[r["cell"]].append((r["step"], r["sft_loss"], r))
+    out = {}
+    for cell, rows in by_cell.items():
+        rows.sort(key=lambda t: t[0])
+        tail = rows[-max(1, len(rows) // 10):]
+        out[cell] = (tail[0][2], sum(t[1] for t in tail) / len(tail))
+    return out
+
+
+def fig_adherence_sft_loss(summary, logs):
+    fig, axes = _new(2)
+    pts = curve(summary, "blockem", "adherence", "in_domain")
+    _errorbar(axes[0], pts, "BLOCK-EM", COLORS["blockem"])
+    axes[0].set_title("in-domain adherence")
+    axes[0].set_ylim(-0.02, 1.02)
+    pairs = {(r["domain"], r["seed"]) for r in logs if r["method"] == "blockem"}
+    by_lam = defaultdict(list)
+    for r, loss in _final_sft_loss(logs).values():
+        if r["method"] == "blockem" and _plain({**r, "epoch": None}) or (
+                r["method"] == "sft" and (r["domain"], r["seed"]) in pairs):
+            by_lam[r["lam"] or 0.0].append(loss)
+    loss_pts = {lam: _mean_sem(v) for lam, v in sorted(by_lam.items())}
+    _errorbar(axes[1], loss_pts, "BLOCK-EM", COLORS["blockem"])
+    axes[1].set_title("final SFT loss (last 10% of steps)")
+    for ax in axes:
+        _lambda_axis(ax, pts)
+    return fig
+
+
+def fig_blockem_vs_kl(summary, logs):
+    fig, axes = _new(1, 5.0)
+    ax = axes[0]
+    for method, label in (("blockem", "BLOCK-EM"), ("kl", "KL to base")):
+        pts = _relative(summary, method)
+        ax.plot([p[1] for p in pts.values()], [p[0] for p in pts.values()], marker="o",
+                label=label, color=COLORS[method])
+        for lam, (dem, dad) in pts.items():
+            ax.annotate(f"{lam:g}", (dad, dem), fontsize=7, textcoords="offset points",
+                        xytext=(3, 3))
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_xlabel("normalised adherence change dAd")
+    ax.set_ylabel("normalised EM reduction dEM")
+    ax.legend()
+    ax.set_title("BLOCK-EM vs KL regularisation (labels: lambda)")
+    return fig
+
+
+def fig_epochs(summary, logs):
+    fig, axes = _new(1, 5.0)
+    ax = axes[0]
+    by = defaultdict(list)
+    for r, v in _values(summary, "em_rate", "final"):
+        if r["method"] == "epochs":
+            by[(r["lam"], r["epoch"])].append(v)
+    for lam in sorted({k[0] for k in by}):
+        pts = {e: _mean_sem(by[(lam, e)]) for (lm, e) in sorted(by) if lm == lam}
+        _errorbar(ax, pts, f"lambda {lam:g}", None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("EM rate (final)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend()
+    ax.set_title("EM over epochs (re-emergence)")
+    return fig
+
+
+def fig_training_curves(summary, logs):
+    fig, axes = _new(2)
+    lams = sorted({r["lam"] for r in logs if r["method"] == "blockem" and _plain({**r, "epoch": None})})
+    pairs = {(r["domain"], r["seed"]) for r in logs if r["method"] == "blockem"}
+    for i, lam in enumerate([0.0, *lams]):
+        by_step = defaultdict(lambda: ([], []))
+        for r in logs:
+            ok = (r["method"] == "blockem" and r["lam"] == lam and _plain({**r, "epoch": None})) or (
+                lam == 0.0 and r["method"] == "sft" and (r["domain"], r["seed"]) in pairs)
+            if ok:
+                by_step[r["step"]][0].append(r["sft_loss"])
+                by_step[r["step"]][1].append(r["block_loss"])
+        steps = sorted(by_step)
+        label = "sft (lambda 0)" if lam == 0 else f"lambda {lam:g}"
+        color = "k" if lam == 0 else f"C{i - 1}"
+        axes[0].plot(steps, [_mean_sem(by_step[s][0])[0] for s in steps], label=label, lw=1,
+                     color=color)
+        if lam:
+            axes[1].plot(steps, [_mean_sem(by_step[s][1])[0] for s in steps], label=label, lw=1,
+                         color=color)
+    axes[0].set_title("SFT loss")
+    axes[1].set_title("L_block")
+    axes[1].set_yscale("symlog", linthresh=1e-4)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    return fig
+
+
+def fig_selection_rules(summary, logs):
+    fig, axes = _new(1, 5.0)
+    ax = axes[0]
+    lams = []
+    for method, label in (("blockem", "causal (ValidReduc)"), ("topdelta", "Top-Delta"),
+                          ("random", "random")):
+        pts = curve(summary, method, "em_rate", "final")
+        if len(pts) > 1:
+            _errorbar(ax, pts, label, COLORS[method])
+            lams += list(pts)
+    _lambda_axis(ax, lams)
+    ax.set_ylabel("EM rate (final)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend()
+    ax.set_title("Selection rules, same |K|")
+    return fig
+
+
+def fig_em_vs_k(summary, logs):
+    fig, axes = _new(1, 5.0)
+    ax = axes[0]
+    by = defaultdict(list)
+    for r, v in _values(summary, "em_rate", "final"):
+        if r["method"] == "blockem" and r["k_size"] is not None and r["epoch"] is None:
+            by[(r["lam"], r["k_size"])].append(v)
+    for lam in sorted({k[0] for k in by}):
+        pts = {k: _mean_sem(by[(lm, k)]) for (lm, k) in sorted(by) if lm == lam}
+        _errorbar(ax, pts, f"lambda {lam:g}", None)
+    ax.set_xlabel("|K| (first latents of the selected set)")
+    ax.set_ylabel("EM rate (final)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend()
+    ax.set_title("EM vs |K|")
+    return fig
+
+
+def fig_sign_ablations(summary, logs):
+    fig, axes = _new(1, 5.5)
+    ax = axes[0]
+    methods = ["blockem", "kpos_only", "kneg_only", "shuffled_signs"]
+    lams = sorted({lam for m in methods for lam in curve(summary, m, "em_rate", "final",
+                                                         with_sft=False)})
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        pts = curve(summary, m, "em_rate", "final", with_sft=False)
+        xs = [j + i * width for j, lam in enumerate(lams) if lam in pts]
+        ax.bar(xs, [pts[lam][0] for lam in lams if lam in pts], width,
+               yerr=[pts[lam][1] for lam in lams if lam in pts], label=m, color=COLORS[m])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(lams))], [f"{x:g}" for x in lams])
+    ax.set_xlabel("lambda")
+    ax.set_ylabel("EM rate (final)")
+    ax.legend(fontsize=7)
+    ax.set_title("Sign ablations")
+    return fig
+
+
+def fig_core_vs_final(summary, logs):
+    fig, axes = _new(1, 4.5)
+    ax = axes[0]
+    core = {r["cell"]: (r, v) for r, v in _values(summary, "em_rate", "core")}
+    final = {r["cell"]: v for r, v in _values(summary, "em_rate", "final")}
+    for method in sorted({r["method"] for r, _ in core.values()}):
+        pts = [(v, final[c]) for c, (r, v) in core.items() if r["method"] == method and c in final]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=method, s=14,
+                   color=COLORS.get(method))
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
+    ax.set_xlabel("EM rate on core (selection set)")
+    ax.set_ylabel("EM rate on final (held out)")
+    ax.legend(fontsize=6)
+    ax.set_title("Selection (core) vs held-out (final) prompts")
+    return fig
+
+
+FIGURES = {name: globals()[f"fig_{name}"] for name in NEEDS}
+
+
+def available(methods: set[str]) -> list[str]:
+    """Figures a grid with these methods (and 'blockem:sizes' for a size sweep) can draw."""
+    return [name for name, need in NEEDS.items() if need <= methods]
+
+
+def figure_file(name: str, summary_path: Path, logs_path: Path, png: Path, pdf: Path) -> None:
+    import matplotlib.pyplot as plt
+    import pyarrow.parquet as pq
+
+    from blockem.io import atomic_path
+
+    if name not in FIGURES:
+        raise ValueError(f"unknown figure {name!r}; choose from {sorted(FIGURES)}")
+    summary = pq.read_table(summary_path).to_pylist()
+    logs = pq.read_table(logs_path).to_pylist()
+    fig = FIGURES[name](summary, logs)
+    fig.tight_layout()
+    for path, fmt in ((png, "png"), (pdf, "pdf")):
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=150)
+    plt.close(fig)

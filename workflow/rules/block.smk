@@ -1,0 +1,98 @@
+# BLOCK-EM training grid (stage 4): blocking targets -> cached base latents (reference `cache`) ->
+# one training job per grid run (method x domain x lambda x seed) -> the evaluation of
+# evaluate.smk, like every other cell. Run ids and their settings come from common.smk's RUNS.
+
+
+rule block_target:
+    input:
+        unpack(target_inputs),
+    output:
+        f"{R}/block/targets/{{target}}.json",
+    params:
+        settings=settings("block_target"),
+        flags=target_flags,
+    log:
+        f"{R}/logs/block/target/{{target}}.log",
+    benchmark:
+        f"{R}/benchmarks/block/target/{{target}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "python -m blockem block-target --settings {params.settings:q} --set {input.set}"
+        " {params.flags} --out {output} > {log} 2>&1"
+
+
+rule block_cache:
+    input:
+        unpack(cache_inputs),
+    output:
+        f"{R}/block/cache/{{domain}}/{{target}}.safetensors",
+    params:
+        settings=settings("block_cache"),
+        sae=lambda w, input: f"--sae {input.sae}" if "sae" in input.keys() else "",
+    log:
+        f"{R}/logs/block/cache/{{domain}}/{{target}}.log",
+    benchmark:
+        f"{R}/benchmarks/block/cache/{{domain}}/{{target}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: BLOCK["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=GPU,
+    shell:
+        "python -m blockem block-cache --settings {params.settings:q} --threads {threads}"
+        " --data {input.data} --base {input.base} --target {input.target} {params.sae}"
+        " --out {output} > {log} 2>&1"
+
+
+rule block_train:
+    input:
+        unpack(block_inputs),
+    output:
+        directory(f"{R}/models/block/{{run}}"),
+    params:
+        settings=block_settings,
+        flags=block_flags,
+        seed=lambda w: RUNS[w.run]["seed"],
+    log:
+        f"{R}/logs/block/train/{{run}}.log",
+    benchmark:
+        f"{R}/benchmarks/block/train/{{run}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: BLOCK["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=GPU,
+    shell:
+        "python -m blockem block --settings {params.settings:q} --threads {threads}"
+        " --data {input.data} --base {input.base} --seed {params.seed} {params.flags}"
+        " --out {output} > {log} 2>&1"
+
+
+rule train_logs:
+    input:
+        list(trained_cells()),
+    output:
+        f"{R}/metrics/train_logs.parquet",
+    params:
+        cells=lambda w, input: json.dumps(dict(zip(input, trained_cells().values()))),
+    log:
+        f"{R}/logs/train_logs.log",
+    benchmark:
+        f"{R}/benchmarks/train_logs.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "python -m blockem train-logs --cells {params.cells:q} --out {output} > {log} 2>&1"
