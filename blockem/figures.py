@@ -161,22 +161,28 @@ def fig_blockem_vs_kl(summary, logs):
     return fig
 
 
-def fig_epochs(summary, logs):
+def _em_lines(summary, keep, x: str, xlabel: str, title: str):
+    """Final EM against cell key `x`, one line per lambda, for the cells `keep` accepts."""
     fig, axes = _new(1, 5.0)
     ax = axes[0]
     by = defaultdict(list)
     for r, v in _values(summary, "em_rate", "final"):
-        if r["method"] == "epochs":
-            by[(r["lam"], r["epoch"])].append(v)
+        if keep(r):
+            by[(r["lam"], r[x])].append(v)
     for lam in sorted({k[0] for k in by}):
-        pts = {e: _mean_sem(by[(lam, e)]) for (lm, e) in sorted(by) if lm == lam}
+        pts = {xv: _mean_sem(by[(lm, xv)]) for (lm, xv) in sorted(by) if lm == lam}
         _errorbar(ax, pts, f"lambda {lam:g}", None)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("EM rate (final)")
     ax.set_ylim(-0.02, 1.02)
     ax.legend()
-    ax.set_title("EM over epochs (re-emergence)")
+    ax.set_title(title)
     return fig
+
+
+def fig_epochs(summary, logs):
+    return _em_lines(summary, lambda r: r["method"] == "epochs", "epoch", "epoch",
+                     "EM over epochs (re-emergence)")
 
 
 def fig_training_curves(summary, logs):
@@ -227,21 +233,9 @@ def fig_selection_rules(summary, logs):
 
 
 def fig_em_vs_k(summary, logs):
-    fig, axes = _new(1, 5.0)
-    ax = axes[0]
-    by = defaultdict(list)
-    for r, v in _values(summary, "em_rate", "final"):
-        if r["method"] == "blockem" and r["k_size"] is not None and r["epoch"] is None:
-            by[(r["lam"], r["k_size"])].append(v)
-    for lam in sorted({k[0] for k in by}):
-        pts = {k: _mean_sem(by[(lm, k)]) for (lm, k) in sorted(by) if lm == lam}
-        _errorbar(ax, pts, f"lambda {lam:g}", None)
-    ax.set_xlabel("|K| (first latents of the selected set)")
-    ax.set_ylabel("EM rate (final)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend()
-    ax.set_title("EM vs |K|")
-    return fig
+    return _em_lines(summary, lambda r: r["method"] == "blockem" and r["k_size"] is not None
+                     and r["epoch"] is None, "k_size", "|K| (first latents of the selected set)",
+                     "EM vs |K|")
 
 
 def fig_sign_ablations(summary, logs):

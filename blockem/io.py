@@ -7,6 +7,7 @@ the settings it was made from, its seed and the versions of the packages that ma
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import platform
@@ -59,6 +60,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run of this same output
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp

@@ -110,7 +110,8 @@ def test_outputs_record_provenance(smoke_run):
     assert (smoke_run / "results" / "benchmarks" / "pretrain.tsv").exists()
     assert read_provenance(smoke_run / "results" / "sae" / "model")["config_hash"]
     gen = read_provenance(smoke_run / "results" / "generations" / "steer_repair-finance-s0.parquet")
-    assert gen["steering"]["set"] == "finance-s0-validreduc" and gen["steering"]["layer"] == 1
+    # the smoke config selects with topdelta (random weights leave validreduc empty)
+    assert gen["steering"]["set"] == "finance-s0-topdelta" and gen["steering"]["layer"] == 1
     assert read_provenance(smoke_run / "results" / "generations" / "sft-finance-s0.parquet")["steering"] is None
     assert "[pretrain] step" in (smoke_run / "results" / "logs" / "pretrain.log").read_text()
 
@@ -129,8 +130,8 @@ def test_changing_one_domain_reruns_only_its_cells(smoke_run, tmp_path):
     figures = {f"figure_{f}": 1 for f in FIGURES}
     assert jobs == {"finetune": 1, "generate": 1, "judge": 1, "cell_metrics": 1, "summary": 1,
                     "train_logs": 1, **figures, "all": 1}, r.stdout
-    assert "results/models/sft/health-s0" in r.stdout
-    assert "results/models/sft/finance-s0" not in r.stdout
+    assert "output: results/models/sft/health-s0" in r.stdout
+    assert "output: results/models/sft/finance-s0" not in r.stdout
 
 
 def test_bad_config_fails_before_any_job(tmp_path):
@@ -146,7 +147,7 @@ def test_discovery_outputs(smoke_run):
     import json
 
     latents = smoke_run / "results" / "latents"
-    for rule in ("validreduc", "topdelta", "random"):
+    for rule in ("topdelta", "random"):
         doc = json.loads((latents / f"finance-s0-{rule}.json").read_text())
         assert doc["layer"] == 1 and doc["sae"]["source"] == "train"
     assert (latents / "finance-s0-direction.safetensors").exists()
@@ -185,32 +186,60 @@ def test_report_holds_the_figures(smoke_run, tmp_path):
     assert "tradeoff.png" in html and "Safety-quality trade-off" in html
 
 
+def kill_processes_mentioning(text: str) -> None:
+    """SIGKILL every process whose command line contains `text` (Linux /proc)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
 def test_killed_cell_reruns_alone(smoke_run):
-    """SIGKILL the whole Snakemake process group while one block cell trains (a node crash or a
-    preemption): no partial model is left, and the rerun plans that cell and its evaluation only."""
+    """A run that had not finished one block cell yet (its model and evaluation missing) is
+    SIGKILLed, Snakemake and the job together (a node crash or a preemption), while that cell
+    trains: no partial model is left, and after `--unlock` the rerun plans that cell and its
+    evaluation only."""
     res = smoke_run / "results"
     cell = "blockem-finance-l10-s0"
-    out, log = res / "models" / "block" / cell, res / "logs" / "block" / "train" / f"{cell}.log"
-    before = (res / "models" / "block" / "random-finance-l10-s0").stat().st_mtime_ns
+    out = res / "models" / "block" / cell
+    shutil.rmtree(out)
+    # what a first run that died in this cell would not have written yet (Snakemake does not
+    # redo a missing intermediate file whose downstream outputs all exist)
+    unfinished = [res / d / f"{cell}.parquet" for d in ("generations", "judgements", "metrics/cells")]
+    unfinished += [*res.glob("metrics/summary.*"), res / "metrics" / "train_logs.parquet",
+                   *res.glob("figures/*")]
+    for p in unfinished:
+        p.unlink()
+    other = res / "models" / "block" / "random-finance-l10-s0"
+    before = other.stat().st_mtime_ns
     exe = shutil.which("snakemake") or str(Path(sys.executable).with_name("snakemake"))
     proc = subprocess.Popen(
         [exe, "--snakefile", str(REPO / "Snakefile"), "--directory", str(smoke_run), "--cores", "2",
-         "--configfile", str(SMOKE), "--forcerun", str(out.relative_to(smoke_run)), "--",
-         str(out.relative_to(smoke_run))],
+         "--configfile", str(SMOKE)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while not (log.exists() and "block" in log.read_text()) and time.time() < deadline:
-        time.sleep(0.2)  # the job has started and is inside `python -m blockem block`
+    deadline = time.time() + 180
+    training, stale = [], set(out.parent.glob(f".{cell}.*.tmp"))
+    while not training and time.time() < deadline and proc.poll() is None:
+        # the run's temporary directory exists from the first training step until the rename
+        training = [p for p in out.parent.glob(f".{cell}.*.tmp") if p not in stale]
+        time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
+    kill_processes_mentioning(str(out))  # the job runs in its own session: a crash kills it too
     proc.wait()
+    assert training, "the block job was not caught mid-training"
     assert not out.exists()  # the model directory appears only once training finished
+    snakemake(smoke_run, "--unlock")  # a killed Snakemake leaves its lock behind
     r = snakemake(smoke_run, "-n", "--rerun-incomplete")
     jobs = planned_jobs(r.stdout)
-    assert jobs["block_train"] == 1 and jobs["generate"] == 1 and jobs["cell_metrics"] == 1, r.stdout
+    assert jobs.get("block_train") == 1 and jobs["generate"] == 1 and jobs["cell_metrics"] == 1, r.stdout
     assert not {"finetune", "block_cache", "block_target", "sae"} & set(jobs), r.stdout
     snakemake(smoke_run, "--rerun-incomplete")
-    assert out.exists()
-    assert (res / "models" / "block" / "random-finance-l10-s0").stat().st_mtime_ns == before
+    assert out.exists() and not list(out.parent.glob(f".{cell}.*.tmp"))  # stale temp removed
+    assert other.stat().st_mtime_ns == before
     assert "Nothing to be done" in snakemake(smoke_run, "-n").stdout
 
 
