@@ -116,8 +116,11 @@ def build_cells():
         cells[cell] = {"cell": cell, "method": "sft", "domain": d, "lam": 0.0, "seed": s,
                        "model": f"{R}/models/sft/{d}-s{s}"}
     for rid, run in RUNS.items():
+        source = run["latents_from"]  # the set's discovery domain (+ re-emergence latents)
+        if run["union_reemerged"] is not None:
+            source += f"+reem-l{run['union_reemerged']:g}"
         info = {"method": run["method"], "domain": run["domain"], "lam": run["lam"],
-                "seed": run["seed"], "latents_from": run["latents_from"],
+                "seed": run["seed"], "latents_from": source,
                 "k_size": run["size"], "model": f"{R}/models/block/{rid}"}
         if run["epochs"] > 1:
             for e in range(1, run["epochs"] + 1):
