@@ -259,6 +259,12 @@ def _adapter_off(model):
         yield model
 
 
+def _cache_key(target: dict) -> str:
+    """What a cache must have been computed for: latents, signs, layer, kind and activation."""
+    return json.dumps([target["latents"], target["signs"], target["layer"], target["kind"],
+                       target.get("activation")])
+
+
 class CacheReference:
     """Base latents of every training example, computed once (`compute_cache`) and looked up."""
 
@@ -272,7 +278,7 @@ class CacheReference:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             z, offsets = f.get_tensor("z"), f.get_tensor("offsets")
-        want = json.dumps([target["latents"], target["signs"], target["layer"]])
+        want = _cache_key(target)
         if meta.get("target") != want:
             raise ValueError(f"{path}: cache was computed for another target than "
                              f"{target.get('name')!r}; rerun `blockem block-cache`")
@@ -408,7 +414,7 @@ def cache_stage(data: Path, base_dir: Path, target_path: Path, sae_dir: Path | N
                             max_length=settings["model"]["max_length"])
     z, offsets = compute_cache(base, examples, _reader(target, sae_dir, device),
                                pad_id=tok.pad_token_id, device=device)
-    meta = {"target": json.dumps([target["latents"], target["signs"], target["layer"]]),
+    meta = {"target": _cache_key(target),
             "provenance": json.dumps(provenance("block_cache", settings, None,
                                                 target=target["name"]))}
     with atomic_path(out) as tmp:
