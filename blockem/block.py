@@ -188,36 +188,14 @@ def _sparse_code(sae, idx, device):
     return None
 
 
-class _Stop(Exception):
-    pass
-
-
-@contextmanager
-def residual_at(model, layer: int, store: list, stop: bool = False):
-    """Record the residual after `model.layers[layer]` (with its graph); `stop` ends the forward
-    there (a reference forward needs nothing above L)."""
-    from blockem.sae import _hidden, decoder_layers
-
-    def hook(_module, _inputs, output):
-        store.append(_hidden(output))
-        if stop:
-            raise _Stop
-
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
-    try:
-        yield store
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-
-
 def residual_upto(model, batch, layer: int):
     """No-grad residual after `model.layers[layer]`, running only layers <= layer."""
     import torch
 
+    from blockem.sae import capture_residual
+
     store: list = []
-    with torch.no_grad(), residual_at(model, layer, store, stop=True):
+    with torch.no_grad(), capture_residual(model, layer, store, stop=True):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return store[0]
 
@@ -337,11 +315,13 @@ class BlockObjective:
         self.kl_lam, self.kl_reference = kl_lam, kl_reference
 
     def __call__(self, model, batch, examples, counts):
+        from blockem.sae import capture_residual
         from blockem.train import sft_loss
 
         store: list = []
         layer = self.reader.layer if self.reader is not None else None
-        ctx = residual_at(model, layer, store) if layer is not None else nullcontext()
+        ctx = capture_residual(model, layer, store, detach=False) if layer is not None \
+            else nullcontext()
         with ctx:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         labels = batch["labels"]

@@ -48,15 +48,25 @@ def _hidden(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+class _Stop(Exception):
+    pass
+
+
 @contextmanager
-def capture_residual(model, layer: int, store: list):
-    """Append the residual after `model.layers[layer]` ([batch, seq, d]) to `store` on each forward."""
+def capture_residual(model, layer: int, store: list, *, detach: bool = True, stop: bool = False):
+    """Append the residual after `model.layers[layer]` ([batch, seq, d]) to `store` on each forward
+    (`detach=False` keeps its graph); `stop` ends the forward there (nothing above L is needed)."""
     def hook(_module, _inputs, output):
-        store.append(_hidden(output).detach())
+        h = _hidden(output)
+        store.append(h.detach() if detach else h)
+        if stop:
+            raise _Stop
 
     handle = decoder_layers(model)[layer].register_forward_hook(hook)
     try:
         yield store
+    except _Stop:
+        pass
     finally:
         handle.remove()
 
