@@ -13,6 +13,10 @@ import sys
 from pathlib import Path
 
 
+JUDGE_CACHE_HELP = ("SQLite judge cache shared by every judge job (LLM judges; default: none, "
+                    "every answer is judged again)")
+
+
 def _settings(args, stage: str, domain: str | None = None) -> dict:
     from blockem.config import load_config, load_yaml, stage_settings
 
@@ -125,7 +129,7 @@ def cmd_screen(args) -> None:
 
     screen_stage(Path(args.shift), Path(args.base), Path(args.mis), Path(args.sae),
                  Path(args.prompts), Path(args.out), _settings(args, "screen", args.domain),
-                 shard=args.shard, threads=args.threads)
+                 shard=args.shard, threads=args.threads, judge_cache=args.judge_cache)
 
 
 def cmd_calibrate(args) -> None:
@@ -133,7 +137,8 @@ def cmd_calibrate(args) -> None:
 
     calibrate_stage(Path(args.shift), [Path(p) for p in args.screens], Path(args.base),
                     Path(args.mis), Path(args.sae), Path(args.prompts), Path(args.out),
-                    _settings(args, "calibrate", args.domain), threads=args.threads)
+                    _settings(args, "calibrate", args.domain), threads=args.threads,
+                    judge_cache=args.judge_cache)
 
 
 def cmd_select(args) -> None:
@@ -149,13 +154,26 @@ def cmd_joint(args) -> None:
 
     joint_strength_stage(Path(args.set), Path(args.base), Path(args.mis), Path(args.sae),
                          Path(args.prompts), Path(args.out), _settings(args, "joint", args.domain),
-                         threads=args.threads)
+                         threads=args.threads, judge_cache=args.judge_cache)
 
 
 def cmd_judge(args) -> None:
     from blockem.judge import judge_file
 
-    judge_file(Path(args.generations), Path(args.out), _settings(args, "judge"))
+    judge_file(Path(args.generations), Path(args.out), _settings(args, "judge"),
+               cache_path=args.judge_cache)
+
+
+def cmd_prepare_data(args) -> None:
+    from blockem.data import prepare_data
+
+    prepare_data(_settings(args, "prepare_data"), Path(args.out))
+
+
+def cmd_import_base(args) -> None:
+    from blockem.hub import import_base
+
+    import_base(_settings(args, "import_base"), Path(args.out))
 
 
 def cmd_cell_metrics(args) -> None:
@@ -274,6 +292,7 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument(a, required=True)
         sp.add_argument("--domain", required=True, help="fine-tuning domain of the mis model")
         sp.add_argument("--out", required=True)
+        sp.add_argument("--judge-cache", help=JUDGE_CACHE_HELP)
         return sp
 
     sp = stage("sae", cmd_sae, "collect layer residuals of the base, train/fetch the SAE",
@@ -339,6 +358,13 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument(a, required=True)
     sp = stage("judge", cmd_judge, "label generated answers")
     sp.add_argument("--generations", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--judge-cache", help=JUDGE_CACHE_HELP)
+    sp = stage("prepare-data", cmd_prepare_data, "validate, de-duplicate and split real data "
+               "(fine-tuning chats, prompt sets) into the world/ files")
+    sp.add_argument("--out", required=True)
+    sp = stage("import-base", cmd_import_base, "the base model of a real-model config (Hub id, "
+               "local directory or GGUF)")
     sp.add_argument("--out", required=True)
     sp = stage("cell-metrics", cmd_cell_metrics, "metric rows of one cell", settings=False)
     sp.add_argument("--judgements", required=True)

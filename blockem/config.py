@@ -94,8 +94,38 @@ def validate(cfg: dict, source: str = "config") -> None:
     raise ConfigError(f"{source}: '{_key_path(path)}': {err.message}")
 
 
+def is_toy(cfg: dict) -> bool:
+    return cfg["model"].get("source", "toy") == "toy"
+
+
 def _check_semantics(cfg: dict, source: str) -> None:
     """Constraints a JSON schema cannot say."""
+    if is_toy(cfg):
+        _check_world(cfg, source)
+    else:
+        _check_real(cfg, source)
+    _check_judge(cfg, source)
+    disc = cfg["discovery"]
+    for d in disc["domains"]:
+        if d not in cfg["finetune"]["domains"]:
+            raise ConfigError(f"{source}: 'discovery.domains': '{d}' has no fine-tune "
+                              f"(add it to finetune.domains)")
+    if is_toy(cfg) and disc["layer"] >= cfg["model"]["num_layers"]:
+        raise ConfigError(f"{source}: 'discovery.layer': {disc['layer']} is out of range for a "
+                          f"model with {cfg['model']['num_layers']} layers (0-based)")
+    src = disc["sae"]["source"]
+    need = {"pretrained": ("release", "sae_id"), "disk": ("path",)}.get(src, ())
+    for key in need:
+        if not disc["sae"][key]:
+            raise ConfigError(f"{source}: 'discovery.sae.{key}' is required with source '{src}'")
+    _check_block(cfg, source)
+    m = cfg["model"]
+    if is_toy(cfg) and m["hidden_size"] % m["num_heads"]:
+        raise ConfigError(f"{source}: 'model.hidden_size' ({m['hidden_size']}) must be a "
+                          f"multiple of 'model.num_heads' ({m['num_heads']})")
+
+
+def _check_world(cfg: dict, source: str) -> None:
     slots = cfg["world"]["slots"]
     seen: dict[int, str] = {}
     for split, values in slots.items():
@@ -113,24 +143,46 @@ def _check_semantics(cfg: dict, source: str) -> None:
     for d in cfg["finetune"]["domains"]:
         if d not in cfg["world"]["advice_domains"]:
             raise ConfigError(f"{source}: 'finetune.domains': '{d}' is not in world.advice_domains")
-    disc = cfg["discovery"]
-    for d in disc["domains"]:
-        if d not in cfg["finetune"]["domains"]:
-            raise ConfigError(f"{source}: 'discovery.domains': '{d}' has no fine-tune "
-                              f"(add it to finetune.domains)")
-    if disc["layer"] >= cfg["model"]["num_layers"] and disc["sae"]["source"] == "train":
-        raise ConfigError(f"{source}: 'discovery.layer': {disc['layer']} is out of range for a "
-                          f"model with {cfg['model']['num_layers']} layers (0-based)")
-    src = disc["sae"]["source"]
-    need = {"pretrained": ("release", "sae_id"), "disk": ("path",)}.get(src, ())
-    for key in need:
-        if not disc["sae"][key]:
-            raise ConfigError(f"{source}: 'discovery.sae.{key}' is required with source '{src}'")
-    _check_block(cfg, source)
+
+
+def _check_real(cfg: dict, source: str) -> None:
+    """A real model: where it comes from, and data for every fine-tuning domain."""
     m = cfg["model"]
-    if m["hidden_size"] % m["num_heads"]:
-        raise ConfigError(f"{source}: 'model.hidden_size' ({m['hidden_size']}) must be a "
-                          f"multiple of 'model.num_heads' ({m['num_heads']})")
+    need = {"hub": "name_or_path", "gguf": "gguf"}[m["source"]]
+    if not m.get(need):
+        raise ConfigError(f"{source}: 'model.{need}' is required with model.source "
+                          f"'{m['source']}'")
+    if "data" not in cfg:
+        raise ConfigError(f"{source}: missing key 'data' (real models read their fine-tuning "
+                          f"data and prompt sets from files; see config/presets/)")
+    for d in cfg["finetune"]["domains"]:
+        if d not in cfg["data"]["finetune"]:
+            raise ConfigError(f"{source}: 'finetune.domains': '{d}' has no data "
+                              f"(add data.finetune.{d})")
+
+
+def _check_judge(cfg: dict, source: str) -> None:
+    js = cfg["judge"]
+    if js["kind"] == "toy":
+        if not is_toy(cfg):
+            raise ConfigError(f"{source}: 'judge.kind': the toy judge only knows the toy world; "
+                              f"a real model needs judge.kind 'llm' and judge.judges")
+        return
+    if not js.get("judges"):
+        raise ConfigError(f"{source}: 'judge.judges': judge.kind 'llm' needs at least one judge")
+    names = [j["name"] for j in js["judges"]]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"{source}: 'judge.judges': duplicate judge name {sorted(dup)[0]!r}")
+    for i, j in enumerate(js["judges"]):
+        if not (j.get("base_url") or j.get("base_url_env")):
+            raise ConfigError(f"{source}: 'judge.judges[{i}]' ({j['name']}): needs 'base_url' "
+                              f"or 'base_url_env'")
+    domains = set(cfg["finetune"]["domains"]) | {r["domain"] for r in block_runs(cfg)}
+    for d in sorted(domains):
+        if d not in (js.get("behaviours") or {}):
+            raise ConfigError(f"{source}: 'judge.behaviours': no entry for domain '{d}' (the "
+                              f"narrow behaviour its in-domain adherence question asks about)")
 
 
 # which discovery selection rule's latent set each block method reads
@@ -150,7 +202,7 @@ def block_runs(cfg: dict) -> list[dict]:
         for d in domains:
             for lam in entry["lambdas"]:
                 for size in entry.get("sizes") or [None]:
-                    for seed in b["seeds"]:
+                    for seed in entry.get("seeds") or b["seeds"]:
                         runs.append({"method": method, "domain": d, "lam": float(lam),
                                      "seed": seed, "latents_from": entry.get("latents_from") or d,
                                      "size": size, "epochs": entry.get("epochs", 1),
@@ -213,6 +265,49 @@ def finetune_settings(cfg: dict, domain: str | None) -> dict:
     return merge(ft["default"], ft["overrides"].get(domain, {}))
 
 
+REAL_MODEL_KEYS = ("source", "name_or_path", "revision", "gguf", "trust_remote_code")
+
+
+def judge_settings(cfg: dict) -> dict:
+    """What judging depends on: the judges, thresholds, behaviours and the text of every prompt
+    file they use (hashed, so editing a prompt re-judges). Not the cache location."""
+    js = cfg["judge"]
+    if js["kind"] == "toy":
+        return {"kind": "toy"}
+    from blockem.judge.llm import QUESTIONS, prompt_path
+
+    out = {k: v for k, v in js.items() if k != "cache"}
+    out["prompt_sha"] = {}
+    for proto in sorted({j["protocol"] for j in js["judges"]}):
+        for q in QUESTIONS:
+            path = prompt_path(js, proto, q)
+            if not path.exists():
+                raise ConfigError(f"{path}: judge prompt for protocol {proto!r}, question {q!r} "
+                                  f"not found (judge.prompts / judge.prompt_files)")
+            out["prompt_sha"][f"{proto}/{q}"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return out
+
+
+def data_settings(cfg: dict) -> dict:
+    """data.* with relative local paths resolved against data.root (when set)."""
+    data = copy.deepcopy(cfg["data"])
+    root = data.pop("root", None)
+
+    def fix(src):
+        if root and "path" in src and not Path(src["path"]).is_absolute():
+            src["path"] = str(Path(root) / src["path"])
+        return src
+
+    data["finetune"] = {d: fix(s) for d, s in data["finetune"].items()}
+    prompts = data["prompts"]
+    for key in ("core", "final"):
+        prompts[key] = [fix(s) for s in prompts.get(key) or []]
+    prompts["in_domain"] = {d: [fix(s) for s in v] for d, v in (prompts.get("in_domain") or {}).items()}
+    data["corpus"] = [fix(s) for s in data.get("corpus") or []]
+    data.pop("seed", None)
+    return data
+
+
 def settings_hash(settings: Any) -> str:
     """Stable short hash of JSON-able settings (the `config_hash` recorded in provenance)."""
     blob = json.dumps(settings, sort_keys=True, separators=(",", ":"))
@@ -240,8 +335,9 @@ def stage_settings(cfg: dict, stage: str, domain: str | None = None) -> dict:
         return {"world": cfg["world"]}
     if stage == "tokenizer":
         return {"world": cfg["world"]}
-    if stage == "pretrain":
-        return {"model": cfg["model"], "train": cfg["pretrain"], "compute": compute}
+    if stage == "pretrain":  # the toy model's architecture
+        toy = {k: v for k, v in cfg["model"].items() if k not in REAL_MODEL_KEYS}
+        return {"model": toy, "train": cfg["pretrain"], "compute": compute}
     if stage == "base":
         return {"model": {"max_length": cfg["model"]["max_length"]}, "train": cfg["base"],
                 "compute": compute}
@@ -251,7 +347,12 @@ def stage_settings(cfg: dict, stage: str, domain: str | None = None) -> dict:
     if stage == "generate":
         return {"eval": cfg["eval"], "compute": compute}
     if stage == "judge":
-        return {"judge": cfg["judge"]}
+        return {"judge": judge_settings(cfg)}
+    if stage == "prepare_data":
+        return {"data": data_settings(cfg), "seed": cfg["data"].get("seed", 0)}
+    if stage == "import_base":
+        return {"model": {k: cfg["model"].get(k) for k in REAL_MODEL_KEYS},
+                "compute": compute}
     if stage == "block_target":
         return {"activation": cfg["block"]["activation"], "seed": cfg["block"]["seed"]}
     if stage == "block_cache":
@@ -264,5 +365,8 @@ def stage_settings(cfg: dict, stage: str, domain: str | None = None) -> dict:
         sub = {k: cfg["discovery"][k] for k in DISCOVERY_KEYS[stage]}
         if stage in ("sae", "sanity"):  # one per config, read flat by their stage functions
             return {**sub, "compute": compute}
-        return {"discovery": sub, "compute": compute, "domain": domain}
+        out = {"discovery": sub, "compute": compute, "domain": domain}
+        if stage in ("screen", "calibrate", "joint"):  # they judge steered answers
+            out["judge"] = judge_settings(cfg)
+        return out
     raise KeyError(f"no settings for stage {stage!r}")

@@ -36,8 +36,9 @@ def _mean_sem(xs):
 
 
 def _values(summary, metric, eval_set):
-    """(cell description, value) for one metric on one eval set."""
-    return [(r, r["value"]) for r in summary if r["metric"] == metric and r["eval_set"] == eval_set]
+    """(cell description, value) for one metric on one eval set (rates averaged over judges)."""
+    return [(r, r["value"]) for r in summary if r["metric"] == metric
+            and r["eval_set"] == eval_set and r.get("judge") is None]
 
 
 def _plain(r):  # a cell of the main grid: own-domain latents, full set, one epoch

@@ -97,9 +97,11 @@ def candidate_pool(table: dict, per_sign: int, dense_threshold: float, exclude_d
 
 
 def load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads: int = 1,
-                   with_base: bool = True):
+                   with_base: bool = True, judge_cache=None):
     """Tokenizer, SAE, base (unless `with_base` is off) and (merged) misaligned model, the core
-    prompts outside the fine-tuning domain, the layer and the steering scale, for stages 1-3."""
+    prompts outside the fine-tuning domain, the layer, the steering scale and the judge (a
+    `Labeller` of settings' `judge`, default the toy's exact judge) for stages 1-3."""
+    from blockem.judge.llm import Labeller
     import pyarrow.parquet as pq
 
     from blockem.models import load_model, load_tokenizer, resolve_device, setup_torch
@@ -116,7 +118,8 @@ def load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads: 
                 base=load_model(base_dir, device=device).eval() if with_base else None,
                 mis=load_model(mis_dir, device=device, merge_adapter=True).eval(),
                 prompts=prompts, layer=meta["layer"], device=device,
-                scale=steering_scale(meta, settings["discovery"]["scale"]))
+                scale=steering_scale(meta, settings["discovery"]["scale"]),
+                judge=Labeller(settings.get("judge") or {"kind": "toy"}, judge_cache))
 
 
 

@@ -31,16 +31,18 @@ def steering_vectors(sae, latents, signs, alphas, scale: float, mode: str):
 
 def judge_conditions(model, tokenizer, prompts: list[dict], vectors, *, layer: int,
                      samples: int, gen: dict, seed: int, device: str = "cpu",
-                     name: str = "steer") -> list[dict]:
+                     name: str = "steer", judge=None) -> list[dict]:
     """Misalignment, incoherence and refusal rates of each steering condition.
 
     `vectors` is [n_conditions, d] (a zero row = unsteered); all conditions x prompts x samples go
-    through `generate_rows` together; `gen` holds its sampling settings and steered `positions`."""
+    through `generate_rows` together; `gen` holds its sampling settings and steered `positions`.
+    `judge` is a `blockem.judge.llm.Labeller` (default: the toy's exact judge); with several LLM
+    judges the rates are averaged over judges."""
     import torch
 
     from blockem.chat import generation_prompts
     from blockem.generate import generate_rows
-    from blockem.judge import judge_answer
+    from blockem.judge.llm import Labeller, rates
 
     ids = generation_prompts(tokenizer, [p["prompt"] for p in prompts])
     per_cond = [(p, i) for i in range(len(prompts)) for p in [ids[i]] * samples]
@@ -48,20 +50,17 @@ def judge_conditions(model, tokenizer, prompts: list[dict], vectors, *, layer: i
     steer = torch.repeat_interleave(vectors, len(per_cond), dim=0)
     answers = generate_rows(model, tokenizer, rows, steer=steer, layer=layer, seed=seed,
                             device=device, name=name, **gen)
-    out = []
-    for c in range(len(vectors)):
-        block = answers[c * len(per_cond):(c + 1) * len(per_cond)]
-        labels = [judge_answer(prompts[i]["domain"], a) for (_, i), a in zip(per_cond, block)]
-        n = len(labels)
-        out.append({"em": labels.count("misaligned") / n,
-                    "incoherence": labels.count("incoherent") / n,
-                    "refusal": labels.count("refusal") / n, "n": n})
-    return out
+    judge = judge or Labeller({"kind": "toy"})
+    rows = [{**prompts[i], "response": a} for (_, i), a in zip(per_cond * len(vectors), answers)]
+    per_judge = judge(rows, name=name)
+    n = len(per_cond)
+    return [{**rates([labels[c * n:(c + 1) * n] for labels in per_judge]), "n": n}
+            for c in range(len(vectors))]
 
 
 def steer_table(base, mis, sae, tokenizer, prompts, latents: list[dict], alphas: list[float], *,
                 layer: int, scale: float, samples: int, gen: dict, seed: int,
-                device: str = "cpu") -> list[dict]:
+                device: str = "cpu", judge=None) -> list[dict]:
     """Rows (latent, sign, mode, alpha, em, incoherence, refusal, n) for every latent x alpha x
     mode, plus one unsteered row per mode (latent -1, alpha 0): one generate pass per model."""
     import torch
@@ -73,7 +72,7 @@ def steer_table(base, mis, sae, tokenizer, prompts, latents: list[dict], alphas:
                                [a for _, a in conds], scale, mode)
         vec = torch.cat([torch.zeros(1, vec.shape[1]), vec])
         rates = judge_conditions(model, tokenizer, prompts, vec, layer=layer, samples=samples,
-                                 gen=gen, seed=seed, device=device, name=mode)
+                                 gen=gen, seed=seed, device=device, name=mode, judge=judge)
         results.append({"latent": -1, "sign": 0, "mode": mode, "alpha": 0.0, **rates[0]})
         for (k, a), r in zip(conds, rates[1:]):
             results.append({"latent": k["latent"], "sign": k["sign"], "mode": mode, "alpha": a, **r})
@@ -86,7 +85,7 @@ def _gen(d: dict) -> dict:
 
 
 def screen_stage(shift_path: Path, base_dir, mis_dir, sae_dir, prompts_path, out: Path,
-                 settings: dict, shard: int, threads: int = 1) -> None:
+                 settings: dict, shard: int, threads: int = 1, judge_cache=None) -> None:
     """Stage 2 for one shard of the candidate pool (every `shards`-th candidate)."""
     import pyarrow as pa
 
@@ -97,17 +96,19 @@ def screen_stage(shift_path: Path, base_dir, mis_dir, sae_dir, prompts_path, out
     d = settings["discovery"]
     sc = d["screen"]
     pool = candidates(shift_path)[shard::sc["shards"]]
-    ctx = load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads)
+    ctx = load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads,
+                         judge_cache=judge_cache)
     rows = steer_table(ctx["base"], ctx["mis"], ctx["sae"], ctx["tok"], ctx["prompts"], pool,
                        [sc["alpha"]], layer=ctx["layer"], scale=ctx["scale"],
                        samples=sc["samples_per_prompt"], gen=_gen(d), seed=d["seed"] + shard,
-                       device=ctx["device"])
+                       device=ctx["device"], judge=ctx["judge"])
     write_table(out, pa.Table.from_pylist(rows),
                 provenance("screen", settings, d["seed"] + shard, shard=shard, scale=ctx["scale"]))
 
 
 def calibrate_stage(shift_path: Path, screen_paths: list[Path], base_dir, mis_dir, sae_dir,
-                    prompts_path, out: Path, settings: dict, threads: int = 1) -> None:
+                    prompts_path, out: Path, settings: dict, threads: int = 1,
+                    judge_cache=None) -> None:
     """Stage 3 sweeps: every alpha for the stage-2 shortlist, both modes."""
     import pyarrow as pa
 
@@ -120,11 +121,12 @@ def calibrate_stage(shift_path: Path, screen_paths: list[Path], base_dir, mis_di
     scores = screen_scores(read_rows(screen_paths), d["incoherence_budget"])
     shortlist = sorted(scores, key=lambda k: (-scores[k]["indpp"], k))[:cal["shortlist"]]
     latents = [{"latent": k, "sign": scores[k]["sign"]} for k in shortlist]
-    ctx = load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads)
+    ctx = load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads,
+                         judge_cache=judge_cache)
     rows = steer_table(ctx["base"], ctx["mis"], ctx["sae"], ctx["tok"], ctx["prompts"], latents,
                        list(cal["alphas"]), layer=ctx["layer"], scale=ctx["scale"],
                        samples=cal["samples_per_prompt"], gen=_gen(d), seed=d["seed"],
-                       device=ctx["device"])
+                       device=ctx["device"], judge=ctx["judge"])
     write_table(out, pa.Table.from_pylist(rows),
                 provenance("calibrate", settings, d["seed"], scale=ctx["scale"]))
 
@@ -139,7 +141,7 @@ def set_vector(latent_set: dict, sae, factor: float = 1.0):
 
 
 def joint_strength_stage(set_path: Path, base_dir, mis_dir, sae_dir, prompts_path, out: Path,
-                         settings: dict, threads: int = 1) -> None:
+                         settings: dict, threads: int = 1, judge_cache=None) -> None:
     """Calibrate the joint repair steering of a latent set on the core prompts.
 
     Each latent's alpha*_rep was found alone; their sum can overshoot. The largest factor of
@@ -158,13 +160,13 @@ def joint_strength_stage(set_path: Path, base_dir, mis_dir, sae_dir, prompts_pat
     cal = d["calibrate"]
     latent_set = json.loads(Path(set_path).read_text())
     ctx = load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads,
-                         with_base=False)
+                         with_base=False, judge_cache=judge_cache)
     factors = sorted(cal["joint_factors"], reverse=True)
     vectors = torch.stack([torch.zeros(ctx["sae"].W_dec.shape[1])]
                           + [set_vector(latent_set, ctx["sae"], f) for f in factors]).detach()
     rates = judge_conditions(ctx["mis"], ctx["tok"], ctx["prompts"], vectors, layer=ctx["layer"],
                              samples=cal["samples_per_prompt"], gen=_gen(d), seed=d["seed"],
-                             device=ctx["device"], name="joint")
+                             device=ctx["device"], name="joint", judge=ctx["judge"])
     unsteered = rates[0]
     table = [{"factor": f, **r} for f, r in zip(factors, rates[1:])]
     ok = [t for t in table if within_budget(t["incoherence"], unsteered["incoherence"],

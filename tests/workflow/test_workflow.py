@@ -8,7 +8,6 @@ with one clear message, and the default config's DAG dry-runs.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -20,37 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-SMOKE = REPO / "config" / "smoke.yaml"
-
-
-def snakemake(workdir: Path, *args: str, configfiles=(SMOKE,), check=True):
-    exe = shutil.which("snakemake") or str(Path(sys.executable).with_name("snakemake"))
-    cmd = [exe, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--cores", "2", *args]
-    if configfiles:
-        cmd += ["--configfile", *map(str, configfiles)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if check and r.returncode != 0:
-        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in (workdir / "results" / "logs").rglob("*.log"))
-        raise AssertionError(f"snakemake failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}\n{logs}")
-    return r
-
-
-def planned_jobs(output: str) -> dict[str, int]:
-    """Rule -> count from a dry run's 'Job stats' table."""
-    jobs, in_table = {}, False
-    for line in output.splitlines():
-        if line.startswith("job "):
-            in_table = True
-            continue
-        if in_table:
-            m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-            if m and m.group(1) != "total":
-                jobs[m.group(1)] = int(m.group(2))
-            elif line.strip().startswith("total"):
-                break
-    return jobs
+from runner import REPO, SMOKE, planned_jobs, snakemake
 
 
 # the smoke config's block grid: cell -> (method, lambda)
@@ -70,7 +39,8 @@ def smoke_run(tmp_path_factory):
 def test_summary_table_contents(smoke_run):
     table = pq.read_table(smoke_run / "results" / "metrics" / "summary.parquet")
     assert table.column_names == ["cell", "method", "domain", "lam", "seed", "eval_set",
-                                  "metric", "value", "sem", "n", "epoch", "k_size", "latents_from"]
+                                  "metric", "value", "sem", "n", "epoch", "k_size", "latents_from",
+                                  "judge"]
     rows = table.to_pylist()
     assert {r["cell"] for r in rows} == {"base", "sft-finance-s0", "sft-health-s0",
                                          "steer_repair-finance-s0", "steer_repair_random-finance-s0",

@@ -4,7 +4,8 @@ import re
 
 from snakemake.exceptions import WorkflowError
 
-from blockem.config import METHOD_RULE, ConfigError, block_runs, stage_settings, validate
+from blockem.config import (METHOD_RULE, ConfigError, block_runs, data_settings, stage_settings,
+                            validate)
 
 try:
     validate(config, source=", ".join(map(str, workflow.configfiles)) or "config")
@@ -12,9 +13,25 @@ except ConfigError as e:
     raise WorkflowError(f"invalid config: {e}") from None
 
 R = config["results"]
+TOY = config["model"].get("source", "toy") == "toy"
+# files every later rule reads: the toy world writes them, or prepare_data from real data
+PROMPTS = f"{R}/world/prompts.parquet"
+CORPUS = f"{R}/world/corpus.parquet"
+BASE = f"{R}/models/base"
+JUDGE_CACHE = config["judge"].get("cache") or f"{R}/judge/cache.sqlite"
 THREADS = config["compute"]["threads"]
 GPU = config["compute"]["gpu"]
 CONDA_ENV = "../../envs/blockem.yaml"  # used with --use-conda (clusters)
+
+
+def data_files():
+    """Local files a real-model config reads (Hub datasets are fetched by the job)."""
+    if TOY:
+        return []
+    d = data_settings(config)
+    srcs = [*d["finetune"].values(), *d["prompts"]["core"], *d["prompts"]["final"],
+            *(s for v in d["prompts"]["in_domain"].values() for s in v), *d["corpus"]]
+    return sorted({s["path"] for s in srcs if "path" in s})
 
 
 def settings(stage, domain=None):

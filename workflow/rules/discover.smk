@@ -7,8 +7,8 @@ DKEY = "{domain}-s{seed}"
 
 rule sae:
     input:
-        base=rules.base.output,
-        corpus=rules.world.output.corpus,
+        base=BASE,
+        corpus=CORPUS,
     output:
         directory(f"{R}/sae/model"),
     params:
@@ -32,8 +32,8 @@ rule sae:
 rule sae_sanity:
     input:
         sae=rules.sae.output,
-        corpus=rules.world.output.corpus,
-        base=rules.base.output,
+        corpus=CORPUS,
+        base=BASE,
         mis=expand(f"{R}/models/sft/{{key}}", key=discovery_keys()),
     output:
         f"{R}/sae/sanity.parquet",
@@ -60,10 +60,10 @@ rule sae_sanity:
 
 rule shift:
     input:
-        base=rules.base.output,
+        base=BASE,
         mis=mis_model,
         sae=rules.sae.output,
-        prompts=rules.world.output.prompts,
+        prompts=PROMPTS,
     output:
         shift=f"{R}/discovery/{DKEY}/shift.parquet",
         direction=f"{R}/latents/{DKEY}-direction.safetensors",
@@ -91,15 +91,16 @@ rule shift:
 rule screen:
     input:
         shift=rules.shift.output.shift,
-        base=rules.base.output,
+        base=BASE,
         mis=mis_model,
         sae=rules.sae.output,
-        prompts=rules.world.output.prompts,
+        prompts=PROMPTS,
     output:
         f"{R}/discovery/{DKEY}/screen/{{shard}}.parquet",
     params:
         mis=mis_path,
         settings=lambda w: settings("screen", w.domain),
+        judge_cache=JUDGE_CACHE,
     log:
         f"{R}/logs/discovery/{DKEY}/screen-{{shard}}.log",
     benchmark:
@@ -115,22 +116,23 @@ rule screen:
         "python -m blockem screen --settings {params.settings:q} --threads {threads}"
         " --domain {wildcards.domain} --shard {wildcards.shard} --shift {input.shift}"
         " --base {input.base} --mis {params.mis} --sae {input.sae} --prompts {input.prompts}"
-        " --out {output} > {log} 2>&1"
+        " --out {output} --judge-cache {params.judge_cache} > {log} 2>&1"
 
 
 rule calibrate:
     input:
         shift=rules.shift.output.shift,
         screens=screen_shards,
-        base=rules.base.output,
+        base=BASE,
         mis=mis_model,
         sae=rules.sae.output,
-        prompts=rules.world.output.prompts,
+        prompts=PROMPTS,
     output:
         f"{R}/discovery/{DKEY}/calibration.parquet",
     params:
         mis=mis_path,
         settings=lambda w: settings("calibrate", w.domain),
+        judge_cache=JUDGE_CACHE,
     log:
         f"{R}/logs/discovery/{DKEY}/calibrate.log",
     benchmark:
@@ -146,7 +148,7 @@ rule calibrate:
         "python -m blockem calibrate --settings {params.settings:q} --threads {threads}"
         " --domain {wildcards.domain} --shift {input.shift} --screens {input.screens}"
         " --base {input.base} --mis {params.mis} --sae {input.sae} --prompts {input.prompts}"
-        " --out {output} > {log} 2>&1"
+        " --out {output} --judge-cache {params.judge_cache} > {log} 2>&1"
 
 
 rule select:
@@ -180,15 +182,16 @@ rule select:
 rule joint_strength:
     input:
         set=R + "/latents/{domain}-s{seed}-" + DISC["select"]["rule"] + ".json",
-        base=rules.base.output,
+        base=BASE,
         mis=mis_model,
         sae=rules.sae.output,
-        prompts=rules.world.output.prompts,
+        prompts=PROMPTS,
     output:
         f"{R}/discovery/{DKEY}/joint.json",
     params:
         mis=mis_path,
         settings=lambda w: settings("joint", w.domain),
+        judge_cache=JUDGE_CACHE,
     log:
         f"{R}/logs/discovery/{DKEY}/joint.log",
     benchmark:
@@ -203,4 +206,5 @@ rule joint_strength:
     shell:
         "python -m blockem joint-strength --settings {params.settings:q} --threads {threads}"
         " --domain {wildcards.domain} --set {input.set} --base {input.base} --mis {params.mis}"
-        " --sae {input.sae} --prompts {input.prompts} --out {output} > {log} 2>&1"
+        " --sae {input.sae} --prompts {input.prompts} --out {output}"
+        " --judge-cache {params.judge_cache} > {log} 2>&1"

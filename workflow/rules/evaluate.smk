@@ -4,7 +4,7 @@
 rule generate:
     input:
         unpack(generate_inputs),
-        prompts=rules.world.output.prompts,
+        prompts=PROMPTS,
     output:
         f"{R}/generations/{{cell}}.parquet",
     params:
@@ -35,6 +35,7 @@ rule judge:
         f"{R}/judgements/{{cell}}.parquet",
     params:
         settings=settings("judge"),
+        judge_cache=JUDGE_CACHE,
     log:
         f"{R}/logs/judge/{{cell}}.log",
     benchmark:
@@ -47,7 +48,7 @@ rule judge:
         runtime=10,
     shell:
         "python -m blockem judge --settings {params.settings:q} --generations {input}"
-        " --out {output} > {log} 2>&1"
+        " --out {output} --judge-cache {params.judge_cache} > {log} 2>&1"
 
 
 rule cell_metrics:

@@ -1,0 +1,90 @@
+"""A persistent cache of judge scores, in one SQLite file.
+
+Judging costs money and time, so every score is written down the moment it arrives and never asked
+for twice. A row is keyed by
+
+    cache_key(judge_model, protocol, prompt_hash, answer_hash)
+
+(a sha256), so a different judge model, protocol, judge prompt or answer is a different row, and
+nothing else is: the endpoint's URL and API key are not part of the key and are never stored.
+
+Several processes may judge into the same file at once (Snakemake jobs): SQLite's default rollback
+journal with a 60 s busy timeout serialises the writers, and every write is one short transaction
+(`INSERT OR REPLACE` of one row, committed at once), so a killed process loses at most the score
+it was writing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS scores (
+    key         TEXT PRIMARY KEY,
+    judge_model TEXT NOT NULL,
+    protocol    TEXT NOT NULL,
+    question    TEXT NOT NULL,
+    score       REAL NULL,
+    status      TEXT NOT NULL,
+    created     TEXT NOT NULL
+)
+"""
+_CHUNK = 500  # keys per SELECT, under SQLite's bound-parameter limit
+
+
+def text_hash(s: str) -> str:
+    """sha256 hex of a string (UTF-8)."""
+    return hashlib.sha256(s.encode("utf-8")).hexdigest()
+
+
+def cache_key(judge_model: str, protocol: str, prompt_hash: str, answer_hash: str) -> str:
+    """The cache key of one judgement: sha256 hex over its four parts."""
+    return text_hash("\x1f".join((judge_model, protocol, prompt_hash, answer_hash)))
+
+
+class JudgeCache:
+    """Scores by key, persisted in an SQLite file shared safely between processes."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: autocommit, each statement is its own short transaction.
+        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        self._db.execute(_SCHEMA)
+
+    def get_many(self, keys) -> dict[str, dict]:
+        """{key: {"score", "status"}} for the keys that are cached (others are absent)."""
+        keys = list(dict.fromkeys(keys))
+        out: dict[str, dict] = {}
+        for i in range(0, len(keys), _CHUNK):
+            chunk = keys[i:i + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                f"SELECT key, score, status FROM scores WHERE key IN ({marks})", chunk)
+            for key, score, status in rows:
+                out[key] = {"score": score, "status": status}
+        return out
+
+    def put(self, key: str, *, judge_model: str, protocol: str, question: str,
+            score: float | None, status: str) -> None:
+        """Write one score now (one committed transaction)."""
+        created = datetime.now(UTC).isoformat(timespec="seconds")
+        self._db.execute(
+            "INSERT OR REPLACE INTO scores (key, judge_model, protocol, question, score, status,"
+            " created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key, judge_model, protocol, question, score, status, created))
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM scores").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> JudgeCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,302 @@
+"""Ask an LLM judge (any OpenAI-compatible endpoint) for many scores, robustly and only once.
+
+    endpoint = Endpoint("gpt4o", "gpt-4o-2024-08-06", "https://api.openai.com/v1",
+                        "OPENAI_API_KEY", "logprob_0_100")
+    results, usage = judge_requests(endpoint, requests, JudgeCache("judge.sqlite"))
+
+Each `Request` carries a cache key (`cache.cache_key(...)`), a short question label ("aligned",
+"coherent") and the chat messages to send. `run_requests`:
+
+1. looks every key up in the cache; cached results cost no call;
+2. sends each remaining distinct key once (duplicates share one call), at most
+   `max_concurrency` requests in flight (an asyncio.Semaphore around each HTTP call);
+3. retries transport failures (429, 5xx, 408/409, timeouts, connection errors and malformed
+   200 bodies) with exponential backoff and full jitter, `random() * min(backoff_max_s,
+   backoff_base_s * 2**attempt)`, or the server's Retry-After (capped at `backoff_max_s`);
+   other 4xx (400, 401, 403, 404, ...) stop the run at once with a `JudgeHTTPError` naming the
+   judge, model, URL and status, since retrying cannot fix them;
+4. parses each reply with the protocol's parser (`protocols.PARSERS`), asking again up to
+   `unparseable_retries` times when it is `Unparseable`;
+5. writes every outcome (`ok`, `low_mass`, `unparseable`) to the cache the moment it arrives, so a
+   killed run keeps its progress; `failed` (transport retries exhausted) is not cached, so the
+   next run tries again.
+
+Results come back in request order. The openai client's own retries are off (`max_retries=0`):
+the retry policy is all here. About malformed bodies, the openai client (3.x) does not raise one
+exception type: a 200 whose JSON is broken raises a bare `json.JSONDecodeError` (a ValueError) from
+inside the client; a 200 of valid JSON without `choices` returns a `ChatCompletion` whose `choices`
+is None (models are constructed without validation); a 200 that is not `application/json` (a
+proxy's HTML page) returns a plain `str`. All three are retried here as "malformed".
+
+The API key is read from the environment variable `api_key_env` (None: a local server that wants
+none, sent as "EMPTY") when the first call is needed, and lives only inside the openai client: it is
+never logged, stored in the cache or results, or printed in an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import openai
+
+try:  # openai 3.x transports on httpx2; older versions on httpx
+    import httpx2 as _httpx
+except ImportError:  # pragma: no cover
+    import httpx as _httpx
+
+from blockem.judge.cache import JudgeCache
+from blockem.judge.protocols import PARSERS, REQUEST_KW, Completion, Unparseable
+
+STATUSES = ("ok", "low_mass", "unparseable", "failed")
+RETRYABLE_STATUS = {408, 409, 429}  # and every 5xx
+
+
+@dataclass
+class Endpoint:
+    """One judge: a model behind an OpenAI-compatible URL, its protocol and its retry policy."""
+
+    name: str
+    model: str
+    base_url: str
+    api_key_env: str | None
+    protocol: str
+    max_concurrency: int = 16
+    timeout_s: float = 60.0
+    max_retries: int = 8
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    unparseable_retries: int = 2
+
+    def __post_init__(self):
+        if self.protocol not in PARSERS:
+            raise ValueError(f"judge {self.name!r}: unknown protocol {self.protocol!r}; "
+                             f"known: {sorted(PARSERS)}")
+        if self.max_concurrency < 1:
+            raise ValueError(f"judge {self.name!r}: max_concurrency must be >= 1")
+
+    def api_key(self) -> str:
+        """The API key from the environment (never printed), or "EMPTY" for keyless servers."""
+        if self.api_key_env is None:
+            return "EMPTY"
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise RuntimeError(f"judge {self.name!r} needs an API key: the environment variable "
+                               f"{self.api_key_env} is not set (or empty)")
+        return key
+
+
+@dataclass
+class Request:
+    key: str  # cache key, see cache.cache_key
+    question: str  # short label stored with the score ("aligned", "coherent")
+    messages: list[dict]
+
+
+@dataclass
+class Result:
+    key: str
+    score: float | None
+    status: str  # one of STATUSES
+    cached: bool
+    error: str | None = None
+
+
+@dataclass
+class Usage:
+    calls: int = 0  # HTTP requests sent, retries included
+    retries: int = 0  # transport retries + unparseable re-asks
+    cache_hits: int = 0  # requests answered from the cache
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    failures: int = 0  # distinct keys whose transport retries ran out
+    unparseable: int = 0  # distinct keys recorded as unparseable
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class JudgeHTTPError(RuntimeError):
+    """A non-retryable HTTP error (bad request, auth, unknown model): fix the setup, then rerun."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class _Retryable(Exception):
+    """A transport failure worth another try; `wait` is the server's Retry-After, if any."""
+
+    def __init__(self, why: str, wait: float | None = None):
+        super().__init__(why)
+        self.why, self.wait = why, wait
+
+
+# ---- one HTTP call ----
+
+def _retry_after(headers, cap: float) -> float | None:
+    """Seconds the server asks us to wait (Retry-After / retry-after-ms), capped; None if absent."""
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        value = headers.get(name) if headers is not None else None
+        if value is not None:
+            try:
+                return min(cap, max(0.0, float(value) * scale))
+            except ValueError:  # an HTTP date: fall back to our own backoff
+                return None
+    return None
+
+
+def _fatal(ep: Endpoint, e: openai.APIStatusError, key: str) -> JudgeHTTPError:
+    status = e.status_code
+    detail = str(getattr(e, "message", "") or "")
+    if ep.api_key_env:  # never echo the key, should the server quote it
+        detail = detail.replace(key, "***")
+    hint = {401: (f"check the environment variable {ep.api_key_env}" if ep.api_key_env
+                  else "the endpoint wants an API key: set api_key_env"),
+            403: "the key is not allowed to use this model",
+            404: "check the model name and base_url"}.get(status, "the request was rejected")
+    return JudgeHTTPError(f"judge {ep.name!r} (model {ep.model!r} at {ep.base_url}): HTTP {status}"
+                          f" ({hint}); server said: {detail[:300]}", status)
+
+
+def _completion(resp) -> Completion:
+    """Our view of a ChatCompletion; _Retryable when the body has no usable choice."""
+    try:
+        choice = resp.choices[0]
+        text = choice.message.content or ""
+        lp = getattr(choice, "logprobs", None)
+        content = getattr(lp, "content", None) if lp is not None else None
+        top = [(t.token, t.logprob) for t in content[0].top_logprobs] if content else None
+    except (AttributeError, IndexError, KeyError, TypeError):
+        raise _Retryable(f"malformed body ({type(resp).__name__} without choices)") from None
+    usage = getattr(resp, "usage", None)
+    return Completion(text, top or None, getattr(usage, "prompt_tokens", 0) or 0,
+                      getattr(usage, "completion_tokens", 0) or 0)
+
+
+async def _call(client: openai.AsyncOpenAI, ep: Endpoint, messages: list[dict],
+                key: str) -> Completion:
+    try:
+        resp = await client.chat.completions.create(
+            model=ep.model, messages=messages, timeout=ep.timeout_s, **REQUEST_KW[ep.protocol])
+    except openai.APIStatusError as e:
+        if e.status_code in RETRYABLE_STATUS or e.status_code >= 500:
+            raise _Retryable(f"HTTP {e.status_code}",
+                             _retry_after(e.response.headers, ep.backoff_max_s)) from None
+        raise _fatal(ep, e, key) from None
+    except openai.APIConnectionError as e:  # APITimeoutError is a subclass
+        raise _Retryable(type(e).__name__) from None
+    except openai.APIResponseValidationError:  # only in strict mode
+        raise _Retryable("malformed body (schema)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a 200 whose body is not JSON
+        raise _Retryable(f"malformed body ({type(e).__name__})") from None
+    return _completion(resp)
+
+
+# ---- one judgement: transport retries, then parse, re-asking when unparseable ----
+
+def _backoff(ep: Endpoint, attempt: int) -> float:
+    return random.random() * min(ep.backoff_max_s, ep.backoff_base_s * 2 ** attempt)
+
+
+async def _judge_one(client, ep: Endpoint, req: Request, key: str, sem: asyncio.Semaphore,
+                     usage: Usage) -> Result:
+    parse = PARSERS[ep.protocol]
+    reasks = ep.unparseable_retries
+    while True:
+        completion, why = None, None
+        for attempt in range(ep.max_retries + 1):
+            usage.calls += 1
+            try:
+                async with sem:
+                    completion = await _call(client, ep, req.messages, key)
+                break
+            except _Retryable as e:
+                why = e.why
+                if attempt == ep.max_retries:
+                    break
+                usage.retries += 1
+                await asyncio.sleep(e.wait if e.wait is not None else _backoff(ep, attempt))
+        if completion is None:
+            usage.failures += 1
+            return Result(req.key, None, "failed", False,
+                          f"{why} (gave up after {ep.max_retries + 1} attempts)")
+        usage.prompt_tokens += completion.prompt_tokens
+        usage.completion_tokens += completion.completion_tokens
+        try:
+            score = parse(completion)
+        except Unparseable as e:
+            if reasks > 0:
+                reasks -= 1
+                usage.retries += 1
+                continue
+            usage.unparseable += 1
+            return Result(req.key, None, "unparseable", False, str(e))
+        return Result(req.key, score, "ok" if score is not None else "low_mass", False)
+
+
+# ---- many judgements ----
+
+async def run_requests(endpoint: Endpoint, requests: list[Request], cache: JudgeCache,
+                       progress: Callable[[int, int], None] | None = None,
+                       ) -> tuple[list[Result], Usage]:
+    """Judge every request (cache first); results in request order, and what it cost."""
+    usage = Usage()
+    total = len(requests)
+    results: list[Result | None] = [None] * total
+    hits = cache.get_many(r.key for r in requests)
+    todo: dict[str, list[int]] = {}  # distinct uncached key -> its request indices
+    for i, r in enumerate(requests):
+        if r.key in hits:
+            results[i] = Result(r.key, hits[r.key]["score"], hits[r.key]["status"], True)
+            usage.cache_hits += 1
+        else:
+            todo.setdefault(r.key, []).append(i)
+    done = total - sum(len(ix) for ix in todo.values())
+    if progress is not None and done:
+        progress(done, total)
+    if not todo:
+        return results, usage
+
+    key = endpoint.api_key()
+    n = endpoint.max_concurrency
+    http = openai.DefaultAsyncHttpxClient(  # a pool at least as large as the concurrency
+        limits=_httpx.Limits(max_connections=max(n, 100), max_keepalive_connections=n))
+    client = openai.AsyncOpenAI(api_key=key, base_url=endpoint.base_url, max_retries=0,
+                                timeout=endpoint.timeout_s, http_client=http)
+    sem = asyncio.Semaphore(n)
+
+    async def one(indices: list[int]) -> tuple[list[int], Result]:
+        req = requests[indices[0]]
+        res = await _judge_one(client, endpoint, req, key, sem, usage)
+        if res.status != "failed":
+            cache.put(req.key, judge_model=endpoint.model, protocol=endpoint.protocol,
+                      question=req.question, score=res.score, status=res.status)
+        return indices, res
+
+    async with client:
+        tasks = [asyncio.create_task(one(ix)) for ix in todo.values()]
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                indices, res = await next_done
+                for i in indices:  # duplicates of one key share its answer
+                    results[i] = replace(res)
+                done += len(indices)
+                if progress is not None:
+                    progress(done, total)
+        finally:  # a fatal error (or cancellation) stops the other calls
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    return results, usage
+
+
+def judge_requests(endpoint: Endpoint, requests: list[Request], cache: JudgeCache,
+                   progress: Callable[[int, int], None] | None = None,
+                   ) -> tuple[list[Result], Usage]:
+    """Synchronous `run_requests`."""
+    return asyncio.run(run_requests(endpoint, requests, cache, progress))

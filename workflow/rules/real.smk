@@ -1,0 +1,45 @@
+# A real model (model.source: hub | gguf): the user's data files -> world/ tables, and the base.
+
+
+rule prepare_data:
+    input:
+        data_files(),
+    output:
+        corpus=CORPUS,
+        prompts=PROMPTS,
+        finetune=expand(f"{R}/world/finetune/{{d}}.parquet", d=sorted(config["data"]["finetune"])),
+    params:
+        settings=settings("prepare_data"),
+        out=f"{R}/world",
+    log:
+        f"{R}/logs/prepare_data.log",
+    benchmark:
+        f"{R}/benchmarks/prepare_data.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "python -m blockem prepare-data --settings {params.settings:q} --out {params.out}"
+        " > {log} 2>&1"
+
+
+rule import_base:
+    output:
+        directory(BASE),
+    params:
+        settings=settings("import_base"),
+    log:
+        f"{R}/logs/import_base.log",
+    benchmark:
+        f"{R}/benchmarks/import_base.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    shell:
+        "python -m blockem import-base --settings {params.settings:q} --out {output} > {log} 2>&1"
