@@ -111,9 +111,11 @@ def target_doc(method: str, latent_set: dict | None, direction=None, *, seed: in
 
 
 class TargetReader:
-    """Reads z [..., |K|] of a target from residuals h [..., d] (differentiably)."""
+    """Reads z [..., |K|] of a target from residuals h [..., d] (differentiably).
 
-    def __init__(self, doc: dict, sae=None, device: str = "cpu"):
+    `source` names the target in errors (its file)."""
+
+    def __init__(self, doc: dict, sae=None, device: str = "cpu", source: str | None = None):
         import torch
 
         self.doc, self.kind, self.layer = doc, doc["kind"], int(doc["layer"])
@@ -125,6 +127,13 @@ class TargetReader:
             return
         if sae is None:
             raise ValueError(f"target {doc.get('name')!r} reads SAE latents: an SAE is required")
+        d_sae = int(sae.W_enc.shape[1])
+        bad = [int(k) for k in doc["latents"] if not 0 <= int(k) < d_sae]
+        if bad:
+            where = source or f"target {doc.get('name')!r}"
+            raise ValueError(f"{where}: latent {bad[0]} is out of range for the SAE (d_sae "
+                             f"{d_sae}: latents 0-{d_sae - 1}); was the latent set selected on "
+                             f"another SAE?")
         self.mode = doc["activation"]
         self.sae, self.idx = sae, idx.to(device)
         if self.mode not in ("relu_preact", "sae_encode"):
@@ -315,6 +324,8 @@ class BlockObjective:
         self.kl_lam, self.kl_reference = kl_lam, kl_reference
 
     def __call__(self, model, batch, examples, counts):
+        import torch
+
         from blockem.sae import capture_residual
         from blockem.train import sft_loss
 
@@ -328,10 +339,14 @@ class BlockObjective:
         sft = sft_loss(out.logits, labels, counts["predicting"])
         total, terms = sft, {"sft_loss": sft}
         if self.reader is not None:
-            z = self.reader(store[0])
+            # the latents are read at the counted positions only (the TopK threshold costs a
+            # full-width encode per token); elsewhere z is 0 and the mask drops it anyway
+            mask = token_mask(labels, self.mask)
+            h = store[0]
+            z = h.new_zeros(*mask.shape, len(self.reader.sign), dtype=torch.float32)
+            z = z.index_put((mask,), self.reader(h[mask]))
             z_base = self.reference.latents(model, self.reader, batch, examples)
-            blk = block_loss(z, z_base, self.reader.sign, token_mask(labels, self.mask),
-                             counts[self.mask])
+            blk = block_loss(z, z_base, self.reader.sign, mask, counts[self.mask])
             total = total + self.lam * blk
             terms["block_loss"] = blk
         if self.kl_lam:
@@ -365,7 +380,7 @@ def target_stage(method: str, set_paths: list[Path], out: Path, settings: dict, 
     write_json(out, doc)
 
 
-def _reader(target: dict, sae_dir: Path | None, device: str):
+def _reader(target: dict, sae_dir: Path | None, device: str, source: Path | None = None):
     sae = None
     if target["kind"] == "sae":
         from blockem.sae import load_sae
@@ -373,7 +388,8 @@ def _reader(target: dict, sae_dir: Path | None, device: str):
         if sae_dir is None:
             raise ValueError(f"target {target['name']!r} blocks SAE latents: pass --sae")
         sae = load_sae(sae_dir, device=device)
-    return TargetReader(target, sae, device)
+    where = f"{source} (SAE {sae_dir})" if source is not None else None
+    return TargetReader(target, sae, device, source=where)
 
 
 def cache_stage(data: Path, base_dir: Path, target_path: Path, sae_dir: Path | None, out: Path,
@@ -392,7 +408,7 @@ def cache_stage(data: Path, base_dir: Path, target_path: Path, sae_dir: Path | N
     base = load_model(base_dir, device=device).eval()
     examples = encode_chats(tok, [r["messages"] for r in load_rows(data)],
                             max_length=settings["model"]["max_length"])
-    z, offsets = compute_cache(base, examples, _reader(target, sae_dir, device),
+    z, offsets = compute_cache(base, examples, _reader(target, sae_dir, device, target_path),
                                pad_id=tok.pad_token_id, device=device)
     meta = {"target": _cache_key(target),
             "provenance": json.dumps(provenance("block_cache", settings, None,
@@ -408,14 +424,20 @@ def train_stage(data: Path, base_dir: Path, out: Path, settings: dict, seed: int
 
     settings["block"]: method, lam, reference, token_mask, epochs. With epochs > 1 the run is
     `epochs` x `train.steps` steps and an adapter is saved after each `train.steps` steps under
-    epoch-<k>/ (the top level holds the last)."""
+    epoch-<k>/ (the top level holds the last).
+
+    Resumable (blockem.train.Checkpoint): the checkpoint and the adapters of finished epochs live
+    in `<out>.ckpt/` until the output is written."""
+    import shutil
     import sys
 
+    from blockem.config import check_injected_failure
     from blockem.io import atomic_dir, provenance, read_json, write_table
     from blockem.models import load_model, save_model
     from blockem.organism import _log_table, prepare_finetune
-    from blockem.train import TrainConfig, train
+    from blockem.train import Checkpoint, TrainConfig, checkpoint_key, train
 
+    check_injected_failure(Path(out).name)  # the grid run id
     b = settings["block"]
     method, lam = b["method"], float(b["lam"])
     if method not in METHODS:
@@ -437,7 +459,7 @@ def train_stage(data: Path, base_dir: Path, out: Path, settings: dict, seed: int
     if method == "kl":
         objective = BlockObjective(kl_lam=lam, kl_reference=model_ref)
     else:
-        reader = _reader(target, sae_dir, device)
+        reader = _reader(target, sae_dir, device, target_path)
         if mode == "cache":
             if cache_path is None:
                 raise ValueError("reference 'cache' needs the cached base latents (--cache)")
@@ -448,18 +470,35 @@ def train_stage(data: Path, base_dir: Path, out: Path, settings: dict, seed: int
                                    mask=b["token_mask"])
     prov = provenance("block", settings, seed, target=target["name"] if target else None)
     per_epoch = cfg.steps // epochs
-    with atomic_dir(out) as tmp:
-        def checkpoint(step: int) -> None:
-            if epochs > 1 and step % per_epoch == 0:
-                save_model(model, tok, tmp / f"epoch-{step // per_epoch}", {**prov, "step": step})
+    inputs = [p for p in (data, base_dir, target_path, sae_dir, cache_path) if p is not None]
 
+    def epochs_present(extra: dict) -> bool:
+        return all((ckpt.dir / f"epoch-{k}").is_dir()
+                   for k in range(1, int(extra.get("epochs_saved", 0)) + 1))
+
+    ckpt = Checkpoint(out, checkpoint_key("block", settings, seed, inputs), accept=epochs_present)
+
+    def save_epoch(step: int) -> None:
+        """The adapter of a finished epoch, kept beside the checkpoint until the output is
+        written (a resumed run keeps the epochs finished before the interruption)."""
+        if epochs > 1 and step % per_epoch == 0:
+            k = step // per_epoch
+            with atomic_dir(ckpt.dir / f"epoch-{k}") as d:
+                save_model(model, tok, d, {**prov, "step": step})
+            ckpt.extra["epochs_saved"] = k
+
+    with atomic_dir(out) as tmp:
         log = train(model, [(examples, 1.0)], cfg, pad_id=tok.pad_token_id, device=device,
                     name=f"block {method} {settings['domain']} lam {lam:g} seed {seed}",
-                    log_every=25, objective=objective, on_step=checkpoint)
+                    log_every=25, objective=objective, on_step=save_epoch, checkpoint=ckpt)
         for row in log:
             row.setdefault("block_loss", 0.0)
             row.setdefault("kl", 0.0)
             row["epoch"] = (row["step"] - 1) // per_epoch + 1
+        if epochs > 1:
+            for k in range(1, epochs + 1):
+                shutil.copytree(ckpt.dir / f"epoch-{k}", tmp / f"epoch-{k}")
         save_model(model, tok, tmp, prov)
         write_table(tmp / "train_log.parquet", _log_table(log), prov)
+    ckpt.discard()  # the output is complete
     print(f"[block] wrote {out}", file=sys.stderr)

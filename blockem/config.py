@@ -26,6 +26,54 @@ class ConfigError(ValueError):
     """A configuration problem, with the file and the key path in the message."""
 
 
+class InjectedFailure(ValueError):
+    """The deliberate failure of a cell named in `faults.fail_cells` (a testing aid)."""
+
+
+# --- run-time switches ------------------------------------------------------------------------
+# `compute.checkpoint_every` and `faults.fail_cells` change how a job runs, never what it writes,
+# so they are in no stage's settings (no hash, no Snakemake params: editing them reruns nothing).
+# The workflow exports them to every job as environment variables (`runtime_env`, called by
+# workflow/rules/common.smk); a stage run by hand reads the same variables.
+CHECKPOINT_ENV = "BLOCKEM_CHECKPOINT_EVERY"
+FAIL_CELLS_ENV = "BLOCKEM_FAIL_CELLS"
+DEFAULT_CHECKPOINT_EVERY = 100
+
+
+def runtime_env(cfg: dict) -> dict[str, str]:
+    """Environment variables that carry the config's run-time switches to every job."""
+    every = cfg.get("compute", {}).get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY)
+    cells = (cfg.get("faults") or {}).get("fail_cells") or []
+    return {CHECKPOINT_ENV: str(every), FAIL_CELLS_ENV: ",".join(cells)}
+
+
+def checkpoint_every() -> int:
+    """Optimizer steps between resumable training checkpoints (0: none; a SIGTERM still writes
+    one): `$BLOCKEM_CHECKPOINT_EVERY`, default 100."""
+    import os
+
+    raw = os.environ.get(CHECKPOINT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_CHECKPOINT_EVERY
+    try:
+        every = int(raw)
+    except ValueError:
+        every = -1
+    if every < 0:
+        raise ConfigError(f"environment variable {CHECKPOINT_ENV}={raw!r}: expected an integer "
+                          f">= 0 (compute.checkpoint_every)")
+    return every
+
+
+def check_injected_failure(cell: str) -> None:
+    """Raise InjectedFailure if `cell` is named in `faults.fail_cells` (`$BLOCKEM_FAIL_CELLS`)."""
+    import os
+
+    cells = {c.strip() for c in os.environ.get(FAIL_CELLS_ENV, "").split(",") if c.strip()}
+    if cell in cells:
+        raise InjectedFailure(f"injected failure for cell {cell} (faults.fail_cells)")
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
@@ -119,10 +167,24 @@ def _check_semantics(cfg: dict, source: str) -> None:
         if not disc["sae"][key]:
             raise ConfigError(f"{source}: 'discovery.sae.{key}' is required with source '{src}'")
     _check_block(cfg, source)
+    _check_faults(cfg, source)
     m = cfg["model"]
     if is_toy(cfg) and m["hidden_size"] % m["num_heads"]:
         raise ConfigError(f"{source}: 'model.hidden_size' ({m['hidden_size']}) must be a "
                           f"multiple of 'model.num_heads' ({m['num_heads']})")
+
+
+def _check_faults(cfg: dict, source: str) -> None:
+    """`faults.fail_cells` names training jobs: an sft cell or a block grid run id."""
+    from blockem.block import METHODS
+
+    for i, cell in enumerate((cfg.get("faults") or {}).get("fail_cells") or []):
+        if cell.startswith("sft-") or any(cell.startswith(f"{m}-") for m in METHODS):
+            continue
+        raise ConfigError(f"{source}: 'faults.fail_cells[{i}]': {cell!r} is not a trained cell "
+                          f"(name an sft cell 'sft-<domain>-s<seed>' or a block run id "
+                          f"'<method>-<domain>-l<lambda>-s<seed>...'; evaluation-only cells "
+                          f"such as 'base' cannot be failed)")
 
 
 def _check_world(cfg: dict, source: str) -> None:

@@ -1,8 +1,13 @@
 """Atomic file writes and provenance.
 
 Every table and JSON file is written to a temporary name in the same directory and renamed, so a
-crash never leaves a file a later rule would accept. Every output records `provenance`: the hash of
-the settings it was made from, its seed and the versions of the packages that made it.
+crash never leaves a file a later rule would accept; the temporary files a killed writer left behind
+(`.<name>.<random>.tmp`) are removed by the next write of the same output. Every output records
+`provenance`: the hash of the settings it was made from, its seed and the versions of the packages
+that made it.
+
+A training stage keeps its resumable checkpoint beside its output, in `<output>.ckpt/`
+(`checkpoint_dir`); it is removed once the output is complete.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import glob
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -39,11 +45,57 @@ def provenance(stage: str, settings: Any, seed: int | None = None, **extra) -> d
             "versions": versions(), "settings": settings, **extra}
 
 
+def _remove_stale_temps(path: Path) -> None:
+    """Remove `.<name>.<8 random chars>.tmp` siblings of `path`: what `atomic_path` /
+    `atomic_dir` of this same output leave behind when their process is killed mid-write (the
+    pattern is exact, so another output's temporaries never match)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}\.tmp")
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if not pattern.fullmatch(stale.name):
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    """Where the resumable training checkpoint of output `out` lives: the sibling `<out>.ckpt/`
+    (not an output of any rule, so Snakemake neither deletes it before a rerun nor tracks it)."""
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt")
+
+
+def input_fingerprint(paths, hash_below: int = 64 << 20) -> list:
+    """What identifies the inputs under `paths` (files or directories; a name that is not a local
+    path, e.g. a Hub id, as itself): the sha256 of every file smaller than `hash_below` bytes, the
+    size and mtime of larger ones (model weights). Ties a checkpoint to the exact inputs it was
+    trained on, so a rewritten input (an upstream rerun) starts training over."""
+    import hashlib
+
+    out = []
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            out.append([str(p), None])
+            continue
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+        for f in files:
+            st = f.stat()
+            if st.st_size < hash_below:
+                out.append([str(f), hashlib.sha256(f.read_bytes()).hexdigest()])
+            else:
+                out.append([str(f), st.st_size, st.st_mtime_ns])
+    return out
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary sibling path; rename it onto `path` only if the block succeeds (stale
+    temporaries of the same output, left by a killed writer, are removed first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
@@ -60,8 +112,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run of this same output
+    _remove_stale_temps(path)  # left by a killed run of this same output
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp

@@ -36,10 +36,14 @@ def setup_torch(threads: int, seed: int | None = None) -> None:
     torch.set_num_threads(max(1, threads))
     hf_logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if seed is not None:
-        from transformers import set_seed
+    if seed is not None:  # what transformers.set_seed does, without importing its trainer (peft)
+        import random
 
-        set_seed(seed)
+        import numpy as np
+
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # every device
 
 
 def resolve_device(device: str) -> str:
@@ -148,6 +152,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     adapter directory without tokenizer files falls back to its base's. pad = eos when unset."""
     from transformers import AutoTokenizer
 
+    _check_exists(str(path), "model directory")
     path = Path(path)
     src = read_source(path)
     if src is not None:

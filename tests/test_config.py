@@ -127,3 +127,43 @@ def test_block_runs_expand_the_grid(config):
     assert len(runs) == 2 * 2 + 2 * 2
     assert {(r["domain"], r["latents_from"]) for r in runs} == {
         ("finance", "finance"), ("health", "finance"), ("auto", "finance")}
+
+
+# --- bad config at a stage's command line: one line, exit 2, nothing written ------------------
+
+@pytest.mark.parametrize("override,needles", [
+    ({"finetune": {"default": {"stepz": 3}}}, ["unknown key 'finetune.default.stepz'"]),
+    ({"finetune": {"default": {"steps": "ten"}}}, ["'finetune.default.steps'", "integer"]),
+    ({"block": {"grid": [{"method": "blockem", "lambdas": [10, -1]}]}},
+     ["'block.grid.0.lambdas.1'", "-1 is less than the minimum of 0"]),
+])
+def test_stage_cli_refuses_a_bad_config(tmp_path, override, needles):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(override))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "blockem", "finetune", "--config",
+                        str(REPO / "config" / "config.yaml"), str(path), "--data", "x.parquet",
+                        "--base", "base", "--domain", "finance", "--seed", "0", "--out", str(out)],
+                       capture_output=True, text=True, cwd=REPO, check=False)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0], r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert not out.exists() and not (tmp_path / "out.ckpt").exists()
+
+
+def test_negative_lambda_is_refused(config):
+    config["block"]["grid"] = [{"method": "random", "lambdas": [300]},
+                               {"method": "blockem", "lambdas": [-0.5]}]
+    with pytest.raises(ConfigError, match=r"'block\.grid\.1\.lambdas\.0': -0\.5 is less than"):
+        validate(config)
+
+
+def test_checkpoint_every_must_be_a_non_negative_integer(config):
+    config["compute"]["checkpoint_every"] = -1
+    with pytest.raises(ConfigError, match=r"'compute\.checkpoint_every': -1 is less than"):
+        validate(config)
+    config["compute"]["checkpoint_every"] = 2.5
+    with pytest.raises(ConfigError, match=r"'compute\.checkpoint_every'.*integer"):
+        validate(config)

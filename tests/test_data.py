@@ -389,3 +389,32 @@ def test_example_data(tmp_path, monkeypatch):
     assert len(got["finetune"]["finance"]) == 36
     n = {s: sum(p["eval_set"] == s for p in got["prompts"]) for s in ("core", "final", "in_domain")}
     assert n["core"] > 0 and n["final"] > 0 and n["in_domain"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line: one error line naming file and row, exit 2, nothing written
+
+
+@pytest.mark.parametrize("bad,needles", [
+    ("chat", ["data/finance.jsonl:3:", "row has no assistant turn"]),
+    ("prompts", ["core.yaml", "the prompt set is empty"]),
+])
+def test_prepare_data_cli_refuses_bad_input(world, bad, needles):
+    import subprocess
+    import sys
+
+    if bad == "chat":
+        rows = chats(4)
+        rows[2] = {"messages": [{"role": "user", "content": "only a question?"}]}
+        write_jsonl(world / "data" / "finance.jsonl", rows)
+    else:
+        (world / "core.yaml").write_text("[]\n")
+    r = subprocess.run([sys.executable, "-m", "blockem", "prepare-data", "--settings",
+                        json.dumps(settings()), "--out", "out"], capture_output=True, text=True,
+                       cwd=world, check=False)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert not (world / "out").exists()

@@ -266,3 +266,15 @@ def test_gguf_smollm2_from_pypi_converts_to_a_plain_chat_model(smollm2_gguf_base
     ref = dequantize(t.data, t.tensor_type).reshape(np.flip(t.shape).tolist())
     got = model.model.layers[0].mlp.down_proj.weight.detach().numpy()
     assert np.allclose(got, ref, atol=1e-6)
+
+
+def test_generate_with_a_missing_model_is_one_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "g.parquet"
+    r = subprocess.run([sys.executable, "-m", "blockem", "generate", "--model",
+                        str(tmp_path / "no-model"), "--prompts", str(tmp_path / "p.parquet"),
+                        "--cell", "base", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 2 and not out.exists()
+    assert r.stderr.strip().count("\n") == 0 and "no-model: model directory not found" in r.stderr

@@ -1,7 +1,7 @@
 """A persistent cache of judge scores, in one SQLite file.
 
-Judging costs money and time, so every score is written down the moment it arrives and never asked
-for twice. A row is keyed by
+Judging costs money and time, so every score is written down as soon as it arrives and never
+asked for twice. A row is keyed by
 
     cache_key(judge_model, protocol, prompt_hash, answer_hash)
 
@@ -9,15 +9,22 @@ for twice. A row is keyed by
 nothing else is: the endpoint's URL and API key are not part of the key and are never stored.
 
 Several processes may judge into the same file at once (Snakemake jobs): SQLite's default rollback
-journal with a 60 s busy timeout serialises the writers, and every write is one short transaction
-(`INSERT OR REPLACE` of one row, committed at once), so a killed process loses at most the score
-it was writing.
+journal with a 60 s busy timeout serialises the writers, and every write is one short transaction:
+`put` commits one row, `put_many` a batch of rows (`INSERT OR REPLACE`, committed together or not
+at all). A commit costs an fsync (2 to 20 ms, more than a judge reply takes the client), so the
+judge client batches what arrives within ~50 ms into one `put_many` on a writer thread; a killed
+process loses at most the batch it had not yet committed (see `blockem.judge.client`).
+
+One `JudgeCache` may be used from several threads (the client's writer thread and its caller): its
+connection is shared under a lock.
 """
 
 from __future__ import annotations
 
 import hashlib
 import sqlite3
+import threading
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,6 +40,8 @@ CREATE TABLE IF NOT EXISTS scores (
 )
 """
 _CHUNK = 500  # keys per SELECT, under SQLite's bound-parameter limit
+_INSERT = ("INSERT OR REPLACE INTO scores (key, judge_model, protocol, question, score, status,"
+           " created) VALUES (?, ?, ?, ?, ?, ?, ?)")
 
 
 def text_hash(s: str) -> str:
@@ -51,9 +60,14 @@ class JudgeCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: autocommit, each statement is its own short transaction.
-        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        self._db.execute(_SCHEMA)
+        # isolation_level=None: autocommit, each statement is its own short transaction (put_many
+        # opens one explicitly). check_same_thread=False: the client's writer thread shares the
+        # connection, every use under self._lock.
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None,
+                                   check_same_thread=False)
+        with self._lock:
+            self._db.execute(_SCHEMA)
 
     def get_many(self, keys) -> dict[str, dict]:
         """{key: {"score", "status"}} for the keys that are cached (others are absent)."""
@@ -62,8 +76,10 @@ class JudgeCache:
         for i in range(0, len(keys), _CHUNK):
             chunk = keys[i:i + _CHUNK]
             marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(
-                f"SELECT key, score, status FROM scores WHERE key IN ({marks})", chunk)
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT key, score, status FROM scores WHERE key IN ({marks})",
+                    chunk).fetchall()
             for key, score, status in rows:
                 out[key] = {"score": score, "status": status}
         return out
@@ -72,16 +88,39 @@ class JudgeCache:
             score: float | None, status: str) -> None:
         """Write one score now (one committed transaction)."""
         created = datetime.now(UTC).isoformat(timespec="seconds")
-        self._db.execute(
-            "INSERT OR REPLACE INTO scores (key, judge_model, protocol, question, score, status,"
-            " created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (key, judge_model, protocol, question, score, status, created))
+        with self._lock:
+            self._db.execute(_INSERT, (key, judge_model, protocol, question, score, status,
+                                       created))
+
+    def put_many(self, rows: Iterable[dict]) -> int:
+        """Write many scores in one committed transaction (all or none); returns how many.
+        Each row is a dict of `put`'s arguments (key, judge_model, protocol, question, score,
+        status)."""
+        created = datetime.now(UTC).isoformat(timespec="seconds")
+        values = [(r["key"], r["judge_model"], r["protocol"], r["question"], r["score"],
+                   r["status"], created) for r in rows]
+        if not values:
+            return 0
+        with self._lock:
+            # IMMEDIATE: take the write lock up front (waiting up to the busy timeout), so the
+            # transaction cannot fail half-way on a lock upgrade.
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(_INSERT, values)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        return len(values)
 
     def __len__(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM scores").fetchone()[0]
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM scores").fetchone()[0]
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
     def __enter__(self) -> JudgeCache:
         return self

@@ -296,12 +296,13 @@ def _make_handler(server: JudgeServer) -> type[BaseHTTPRequestHandler]:
 
 def demo_scorer(model: str, messages: list[dict]) -> Reply:
     """Deterministic demo judge, for offline demos only: the score is derived from a hash of the
-    messages, not from their meaning. Rubric-style prompts (mentioning "1 to 5" or "1-5") get
+    messages, not from their meaning. Rubric-style prompts (asking for "Score: N", or mentioning
+    "1 to 5" or "1-5") get
     "Score: n" with n in 1..5; others get a 0..100 number, with two alternatives as first-token
     logprobs (the number itself at 0.8, another number at 0.1, a non-number at 0.1)."""
     text = json.dumps(messages, sort_keys=True)
     h = int(hashlib.sha256(text.encode()).hexdigest(), 16)
-    if "1 to 5" in text or "1-5" in text:
+    if "Score: N" in text or "1 to 5" in text or "1-5" in text:
         return Reply(f"Score: {1 + h % 5}")
     score = h % 101
     return Reply(str(score), [(str(score), 0.8), (str((score + 7) % 101), 0.1), ("N", 0.1)])

@@ -19,8 +19,8 @@ rule block_target:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=grow(1000),
+        runtime=grow(10),
     shell:
         "python -m blockem block-target --settings {params.settings:q} --set {input.set}"
         " {params.flags} --out {output} > {log} 2>&1"
@@ -42,9 +42,9 @@ rule block_cache:
         CONDA_ENV
     threads: BLOCK["threads"]
     resources:
-        mem_mb=4000,
-        runtime=30,
-        gpu=GPU,
+        mem_mb=grow(4000, real=32000),
+        runtime=grow(30, real=120),
+        **gpus(),
     shell:
         "python -m blockem block-cache --settings {params.settings:q} --threads {threads}"
         " --data {input.data} --base {input.base} --target {input.target} {params.sae}"
@@ -68,9 +68,9 @@ rule block_train:
         CONDA_ENV
     threads: BLOCK["threads"]
     resources:
-        mem_mb=4000,
-        runtime=60,
-        gpu=GPU,
+        mem_mb=grow(4000, real=48000),
+        runtime=grow(60, real=480),
+        **gpus(),
     shell:
         "python -m blockem block --settings {params.settings:q} --threads {threads}"
         " --data {input.data} --base {input.base} --seed {params.seed} {params.flags}"
@@ -92,7 +92,7 @@ rule train_logs:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=grow(1000),
+        runtime=grow(10),
     shell:
         "python -m blockem train-logs --cells {params.cells:q} --out {output} > {log} 2>&1"

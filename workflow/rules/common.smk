@@ -1,16 +1,21 @@
 # Config validation, the cell table, and input functions shared by every rule.
 import json
+import os
 import re
 
 from snakemake.exceptions import WorkflowError
 
-from blockem.config import (METHOD_RULE, ConfigError, block_runs, data_settings, stage_settings,
-                            validate)
+from blockem.config import (METHOD_RULE, ConfigError, block_runs, data_settings, runtime_env,
+                            stage_settings, validate)
 
 try:
     validate(config, source=", ".join(map(str, workflow.configfiles)) or "config")
 except ConfigError as e:
     raise WorkflowError(f"invalid config: {e}") from None
+
+# run-time switches (compute.checkpoint_every, faults.fail_cells): handed to every job through the
+# environment, never through params or settings, so editing them reruns nothing
+os.environ.update(runtime_env(config))
 
 R = config["results"]
 TOY = config["model"].get("source", "toy") == "toy"
@@ -284,3 +289,24 @@ def summary_outputs():
         outs.append(f"{R}/metrics/train_logs.parquet")
         outs += figure_outputs()  # figures.smk
     return outs
+
+
+# --- Cluster resources (profiles/; "Running on a cluster" in profiles/README.md) ------------------
+# A rule's mem_mb and runtime grow with Snakemake's `attempt` (1, then 2 and 3 on the retries that
+# profiles/slurm asks for), so a job killed for memory or time is resubmitted with more. The rules
+# that load a model request GPUs; with snakemake-executor-plugin-slurm `gpu` becomes sbatch
+# `--gpus=N` and `gpu` + `gpu_model` `--gpus=<model>:N` (a local run ignores both unless
+# `--resources gpu=N` caps them, see profiles/local).
+GPU_MODEL = config["compute"].get("gpu_model")  # e.g. "a100"; null/absent: any GPU type
+
+
+def grow(toy, real=None):
+    """mem_mb (MB) or runtime (minutes) of a rule, times the attempt: `toy` for the toy organism,
+    `real` (default `toy`) for a real model (model.source hub | gguf)."""
+    base = toy if TOY or real is None else real
+    return lambda wildcards, attempt: base * attempt
+
+
+def gpus():
+    """The GPU request of a model rule: compute.gpu GPUs, of type compute.gpu_model when set."""
+    return {"gpu": GPU, **({"gpu_model": GPU_MODEL} if GPU and GPU_MODEL else {})}

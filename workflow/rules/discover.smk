@@ -21,9 +21,9 @@ rule sae:
         CONDA_ENV
     threads: THREADS
     resources:
-        mem_mb=4000,
-        runtime=60,
-        gpu=GPU,
+        mem_mb=grow(4000, real=32000),
+        runtime=grow(60, real=240),
+        **gpus(),
     shell:
         "python -m blockem sae --settings {params.settings:q} --threads {threads}"
         " --base {input.base} --corpus {input.corpus} --out {output} > {log} 2>&1"
@@ -49,9 +49,9 @@ rule sae_sanity:
         CONDA_ENV
     threads: 1  # off the critical path: runs beside other single-thread jobs
     resources:
-        mem_mb=4000,
-        runtime=30,
-        gpu=GPU,
+        mem_mb=grow(4000, real=32000),
+        runtime=grow(30, real=120),
+        **gpus(),
     shell:
         "python -m blockem sae-sanity --settings {params.settings:q} --threads {threads}"
         " --sae {input.sae} --corpus {input.corpus} --model {params.models} --out {output}"
@@ -78,9 +78,9 @@ rule shift:
         CONDA_ENV
     threads: THREADS
     resources:
-        mem_mb=4000,
-        runtime=30,
-        gpu=GPU,
+        mem_mb=grow(4000, real=48000),
+        runtime=grow(30, real=120),
+        **gpus(),
     shell:
         "python -m blockem shift --settings {params.settings:q} --threads {threads}"
         " --domain {wildcards.domain} --base {input.base} --mis {params.mis} --sae {input.sae}"
@@ -109,9 +109,9 @@ rule screen:
         CONDA_ENV
     threads: THREADS
     resources:
-        mem_mb=4000,
-        runtime=60,
-        gpu=GPU,
+        mem_mb=grow(4000, real=48000),
+        runtime=grow(60, real=480),
+        **gpus(),
     shell:
         "python -m blockem screen --settings {params.settings:q} --threads {threads}"
         " --domain {wildcards.domain} --shard {wildcards.shard} --shift {input.shift}"
@@ -141,9 +141,9 @@ rule calibrate:
         CONDA_ENV
     threads: THREADS
     resources:
-        mem_mb=4000,
-        runtime=120,
-        gpu=GPU,
+        mem_mb=grow(4000, real=48000),
+        runtime=grow(120, real=720),
+        **gpus(),
     shell:
         "python -m blockem calibrate --settings {params.settings:q} --threads {threads}"
         " --domain {wildcards.domain} --shift {input.shift} --screens {input.screens}"
@@ -170,8 +170,8 @@ rule select:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=grow(2000),
+        runtime=grow(10),
     shell:
         "python -m blockem select --settings {params.settings:q} --domain {wildcards.domain}"
         " --name {wildcards.domain}-s{wildcards.seed} --shift {input.shift}"
@@ -200,9 +200,9 @@ rule joint_strength:
         CONDA_ENV
     threads: THREADS
     resources:
-        mem_mb=4000,
-        runtime=30,
-        gpu=GPU,
+        mem_mb=grow(4000, real=48000),
+        runtime=grow(30, real=240),
+        **gpus(),
     shell:
         "python -m blockem joint-strength --settings {params.settings:q} --threads {threads}"
         " --domain {wildcards.domain} --set {input.set} --base {input.base} --mis {params.mis}"

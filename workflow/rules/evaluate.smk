@@ -19,9 +19,9 @@ rule generate:
         CONDA_ENV
     threads: THREADS
     resources:
-        mem_mb=4000,
-        runtime=30,
-        gpu=GPU,
+        mem_mb=grow(4000, real=32000),
+        runtime=grow(30, real=240),
+        **gpus(),
     shell:
         "python -m blockem generate --settings {params.settings:q} --threads {threads}"
         " --model {params.model} --prompts {input.prompts} --cell {wildcards.cell}"
@@ -44,8 +44,8 @@ rule judge:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=grow(1000, real=4000),
+        runtime=grow(10, real=240),
     shell:
         "python -m blockem judge --settings {params.settings:q} --generations {input}"
         " --out {output} --judge-cache {params.judge_cache} > {log} 2>&1"
@@ -66,8 +66,8 @@ rule cell_metrics:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=grow(1000),
+        runtime=grow(10),
     shell:
         "python -m blockem cell-metrics --cell {params.cell:q} --judgements {input}"
         " --out {output} > {log} 2>&1"
@@ -87,8 +87,8 @@ rule summary:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=grow(1000),
+        runtime=grow(10),
     shell:
         "python -m blockem summary --out {output.parquet} --markdown {output.markdown}"
         " {input} > {log} 2>&1"

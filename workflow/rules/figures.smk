@@ -35,8 +35,8 @@ for _fig in FIGURES:
             CONDA_ENV
         threads: 1
         resources:
-            mem_mb=1000,
-            runtime=10,
+            mem_mb=grow(1000),
+            runtime=grow(10),
         shell:
             "python -m blockem figure {params.name} --summary {input.summary}"
             " --train-logs {input.logs} --png {output.png} --pdf {output.pdf} > {log} 2>&1"

@@ -25,9 +25,9 @@ rule finetune:
         CONDA_ENV
     threads: THREADS
     resources:
-        mem_mb=4000,
-        runtime=30,
-        gpu=GPU,
+        mem_mb=grow(4000, real=32000),
+        runtime=grow(30, real=240),
+        **gpus(),
     shell:
         "python -m blockem finetune --settings {params.settings:q} --threads {threads}"
         " --data {input.data} --base {input.base} --domain {wildcards.domain}"

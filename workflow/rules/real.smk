@@ -19,8 +19,8 @@ rule prepare_data:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=grow(4000),
+        runtime=grow(30),
     shell:
         "python -m blockem prepare-data --settings {params.settings:q} --out {params.out}"
         " > {log} 2>&1"
@@ -39,7 +39,7 @@ rule import_base:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=grow(8000),
+        runtime=grow(60),
     shell:
         "python -m blockem import-base --settings {params.settings:q} --out {output} > {log} 2>&1"

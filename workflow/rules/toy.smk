@@ -18,8 +18,8 @@ rule world:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=grow(2000),
+        runtime=grow(10),
     shell:
         "python -m blockem world --settings {params.settings:q} --out {params.out} > {log} 2>&1"
 
@@ -37,8 +37,8 @@ rule tokenizer:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=grow(2000),
+        runtime=grow(10),
     shell:
         "python -m blockem tokenizer --settings {params.settings:q} --out {output} > {log} 2>&1"
 
@@ -60,9 +60,9 @@ rule pretrain:
         CONDA_ENV
     threads: THREADS
     resources:
-        mem_mb=4000,
-        runtime=60,
-        gpu=GPU,
+        mem_mb=grow(4000),
+        runtime=grow(60),
+        **gpus(),
     shell:
         "python -m blockem pretrain --settings {params.settings:q} --threads {threads}"
         " --world {params.world} --tokenizer {input.tokenizer} --out {output} > {log} 2>&1"
@@ -85,9 +85,9 @@ rule base:
         CONDA_ENV
     threads: THREADS
     resources:
-        mem_mb=4000,
-        runtime=30,
-        gpu=GPU,
+        mem_mb=grow(4000),
+        runtime=grow(30),
+        **gpus(),
     shell:
         "python -m blockem base --settings {params.settings:q} --threads {threads}"
         " --world {params.world} --pretrained {input.pretrained} --out {output} > {log} 2>&1"
