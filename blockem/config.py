@@ -336,6 +336,7 @@ def judge_settings(cfg: dict) -> dict:
     js = cfg["judge"]
     if js["kind"] == "toy":
         return {"kind": "toy"}
+    from blockem.io import file_sha256  # (blockem.io imports this module at its top)
     from blockem.judge.llm import QUESTIONS, prompt_path
 
     out = {k: v for k, v in js.items() if k != "cache"}
@@ -346,7 +347,7 @@ def judge_settings(cfg: dict) -> dict:
             if not path.exists():
                 raise ConfigError(f"{path}: judge prompt for protocol {proto!r}, question {q!r} "
                                   f"not found (judge.prompts / judge.prompt_files)")
-            out["prompt_sha"][f"{proto}/{q}"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            out["prompt_sha"][f"{proto}/{q}"] = file_sha256(path)[:16]
     return out
 
 

@@ -21,11 +21,10 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 from importlib import metadata, util
 from pathlib import Path
 
-from blockem.io import atomic_dir, provenance, write_json
+from blockem.io import atomic_dir, file_sha256, provenance, write_json
 from blockem.models import SOURCE_FILE, looks_like_hub_id
 
 # the prompt of the import-time check (logits of the saved model against the GGUF-loaded one)
@@ -138,14 +137,6 @@ def _require_gguf() -> None:
         raise ModuleNotFoundError("reading a .gguf file needs the `gguf` package: pip install gguf")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_gguf(path: Path):
     """(model, tokenizer) as transformers loads a .gguf file: weights dequantized to float32, the
     model flagged as GGUF-quantized (`quantization_config`), the tokenizer from its metadata."""
@@ -232,7 +223,7 @@ def _import_gguf(settings: dict, out: Path) -> None:
         dist = _gguf_distribution(m["gguf"])
         write_json(tmp / "provenance.json", provenance(
             "import_base", settings, None,
-            gguf={"file": path.name, "sha256": _sha256(path), "package": dist},
+            gguf={"file": path.name, "sha256": file_sha256(path), "package": dist},
             check={"prompt": CHECK_PROMPT, "max_abs_logit_diff": diff, "greedy_answer": answer},
             seconds={k: round(v, 2) for k, v in seconds.items()}))
 

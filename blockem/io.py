@@ -66,13 +66,22 @@ def checkpoint_dir(out: str | Path) -> Path:
     return out.with_name(out.name + ".ckpt")
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def input_fingerprint(paths, hash_below: int = 64 << 20) -> list:
     """What identifies the inputs under `paths` (files or directories; a name that is not a local
     path, e.g. a Hub id, as itself): the sha256 of every file smaller than `hash_below` bytes, the
     size and mtime of larger ones (model weights). Ties a checkpoint to the exact inputs it was
     trained on, so a rewritten input (an upstream rerun) starts training over."""
-    import hashlib
-
     out = []
     for p in paths:
         p = Path(p)
@@ -83,7 +92,7 @@ def input_fingerprint(paths, hash_below: int = 64 << 20) -> list:
         for f in files:
             st = f.stat()
             if st.st_size < hash_below:
-                out.append([str(f), hashlib.sha256(f.read_bytes()).hexdigest()])
+                out.append([str(f), file_sha256(f)])
             else:
                 out.append([str(f), st.st_size, st.st_mtime_ns])
     return out

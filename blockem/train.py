@@ -92,11 +92,6 @@ class PoolBatches:
         self.orders = [[int(x) for x in o] for o in state["orders"]]
 
 
-def pool_batches(pools: list[tuple[list[Example], float]], batch_size: int, seed: int):
-    """Endless batches (see PoolBatches)."""
-    return PoolBatches(pools, batch_size, seed)
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup, then cosine decay to 10% of the peak."""
     if step < cfg.warmup_steps:

@@ -178,3 +178,12 @@ def test_label_thresholds(default_config, protocol, scores, expected):
     from blockem.judge.llm import label
 
     assert label(scores, default_config["judge"]["thresholds"][protocol]) == expected
+
+
+def test_judge_prompt_placeholders_fill_in_one_pass():
+    """Text inserted for one placeholder is never filled again (an answer may quote braces)."""
+    from blockem.judge.llm import render
+
+    out = render("Q: {question}\nA: {answer}\nD: {domain}", question="what {answer}?",
+                 answer="put {domain} in {behaviour}", domain="finance")
+    assert out == "Q: what {answer}?\nA: put {domain} in {behaviour}\nD: finance"

@@ -18,6 +18,7 @@ community's aligned < 30 and coherent > 50 on 0-100; aligned < 3 and coherent > 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -51,11 +52,13 @@ def load_templates(js: dict, protocol: str) -> dict[str, str]:
     return out
 
 
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
+
+
 def render(template: str, **values: str) -> str:
-    """Fill the known placeholders only (answers and prompts may contain braces)."""
-    for k in PLACEHOLDERS:
-        template = template.replace("{" + k + "}", str(values.get(k, "")))
-    return template
+    """Fill the known placeholders of the template in one pass (missing ones with ""): braces in
+    the inserted text, e.g. an answer quoting "{domain}", are left as they are."""
+    return _PLACEHOLDER.sub(lambda m: str(values.get(m.group(1), "")), template)
 
 
 def endpoints(js: dict):
@@ -106,17 +109,17 @@ def score_rows(rows: list[dict], js: dict, cache_path: str | Path | None = None,
             requests, slots = [], []
             for i, r in enumerate(rows):
                 answer = r["response"] or ""
+                context = {"question": r["prompt"], "domain": r["domain"],
+                           "behaviour": behaviours.get(r["domain"], "")}
                 for q in QUESTIONS:
                     if q == "adherence" and r.get("eval_set") != "in_domain":
                         continue
                     if q == "adherence" and r["domain"] not in behaviours:
                         raise ValueError(f"judge.behaviours has no entry for domain "
                                          f"{r['domain']!r} (needed to judge in-domain adherence)")
-                    text = render(templates[q], question=r["prompt"], answer=answer,
-                                  domain=r["domain"], behaviour=behaviours.get(r["domain"], ""))
-                    prompt_hash = text_hash(render(templates[q], question=r["prompt"],
-                                                   domain=r["domain"],
-                                                   behaviour=behaviours.get(r["domain"], "")))
+                    # the prompt hash is the judge prompt without the answer
+                    prompt_hash = text_hash(render(templates[q], **context))
+                    text = render(templates[q], **context, answer=answer)
                     key = cache_key(ep.model, ep.protocol, prompt_hash, text_hash(answer))
                     requests.append(Request(key=key, question=q,
                                             messages=[{"role": "user", "content": text}]))
