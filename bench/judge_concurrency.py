@@ -103,7 +103,7 @@ def make_requests(n: int, protocol: str = PROTOCOL, model: str = MODEL):
         answer = f"Answer {i}. {filler}"
         text = render(template, question=question, answer=answer, domain="finance")
         prompt_hash = text_hash(render(template, question=question, domain="finance"))
-        key = cache_key(model, protocol, prompt_hash, text_hash(answer))
+        key = cache_key("bench", model, protocol, prompt_hash, text_hash(answer))
         out.append(Request(key=key, question="aligned",
                            messages=[{"role": "user", "content": text}]))
     return out

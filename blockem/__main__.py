@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 
-JUDGE_CACHE_HELP = ("SQLite judge cache shared by every judge job (LLM judges; default: none, "
-                    "every answer is judged again)")
+JUDGE_CACHE_HELP = ("this job's SQLite judge cache file (LLM judges; the workflow gives each job "
+                    "its own, <judge.cache>/<rule>/<job>.sqlite; default: none, every answer is "
+                    "judged again)")
 
 
 def _settings(args, stage: str, domain: str | None = None) -> dict:
@@ -80,17 +81,22 @@ def cmd_finetune(args) -> None:
 
     s = _settings(args, "finetune", args.domain)
     finetune(Path(args.data), Path(args.base), Path(args.out), s, seed=args.seed,
-             threads=args.threads)
+             threads=args.threads, cell=args.cell)
+
+
+def _steer(args) -> tuple[Path, Path, Path] | None:
+    """(latent set, SAE, joint strength) of a steered cell, or None."""
+    if not args.steer_set:
+        return None
+    if not (args.sae and args.joint):
+        raise ValueError("--steer-set needs --sae and --joint")
+    return Path(args.steer_set), Path(args.sae), Path(args.joint)
 
 
 def cmd_generate(args) -> None:
     from blockem.generate import generate_file
 
-    steer = None
-    if args.steer_set:
-        if not (args.sae and args.joint):
-            raise ValueError("--steer-set needs --sae and --joint")
-        steer = (Path(args.steer_set), Path(args.sae), Path(args.joint))
+    steer = _steer(args)
     generate_file(Path(args.model), Path(args.prompts), Path(args.out),
                   _settings(args, "generate"), cell=args.cell, threads=args.threads, steer=steer)
 
@@ -98,8 +104,15 @@ def cmd_generate(args) -> None:
 def cmd_sae(args) -> None:
     from blockem.sae import sae_stage
 
-    sae_stage(Path(args.base), Path(args.corpus), Path(args.out), _settings(args, "sae"),
-              threads=args.threads)
+    sae_stage(Path(args.base), [Path(c) for c in args.corpus], Path(args.out),
+              _settings(args, "sae"), threads=args.threads)
+
+
+def cmd_self_chats(args) -> None:
+    from blockem.corpus import self_chats_stage
+
+    self_chats_stage(Path(args.base), Path(args.prompts), Path(args.out),
+                     _settings(args, "self_chats"), threads=args.threads)
 
 
 def cmd_sae_sanity(args) -> None:
@@ -124,12 +137,20 @@ def cmd_shift(args) -> None:
                 threads=args.threads)
 
 
+def _mc(args):
+    """(items, neutral) MC tables of a discovery stage (discovery.scorer: mc), or None."""
+    if bool(args.mc_items) != bool(args.mc_neutral):
+        raise ValueError("--mc-items and --mc-neutral go together")
+    return (Path(args.mc_items), Path(args.mc_neutral)) if args.mc_items else None
+
+
 def cmd_screen(args) -> None:
     from blockem.steer import screen_stage
 
     screen_stage(Path(args.shift), Path(args.base), Path(args.mis), Path(args.sae),
                  Path(args.prompts), Path(args.out), _settings(args, "screen", args.domain),
-                 shard=args.shard, threads=args.threads, judge_cache=args.judge_cache)
+                 shard=args.shard, threads=args.threads, judge_cache=args.judge_cache,
+                 mc=_mc(args))
 
 
 def cmd_calibrate(args) -> None:
@@ -138,7 +159,7 @@ def cmd_calibrate(args) -> None:
     calibrate_stage(Path(args.shift), [Path(p) for p in args.screens], Path(args.base),
                     Path(args.mis), Path(args.sae), Path(args.prompts), Path(args.out),
                     _settings(args, "calibrate", args.domain), threads=args.threads,
-                    judge_cache=args.judge_cache)
+                    judge_cache=args.judge_cache, mc=_mc(args))
 
 
 def cmd_select(args) -> None:
@@ -154,7 +175,7 @@ def cmd_joint(args) -> None:
 
     joint_strength_stage(Path(args.set), Path(args.base), Path(args.mis), Path(args.sae),
                          Path(args.prompts), Path(args.out), _settings(args, "joint", args.domain),
-                         threads=args.threads, judge_cache=args.judge_cache)
+                         threads=args.threads, judge_cache=args.judge_cache, mc=_mc(args))
 
 
 def cmd_judge(args) -> None:
@@ -179,7 +200,30 @@ def cmd_import_base(args) -> None:
 def cmd_cell_metrics(args) -> None:
     from blockem.metrics import cell_metrics_file
 
-    cell_metrics_file(Path(args.judgements), Path(args.out), json.loads(args.cell))
+    opt = lambda p: Path(p) if p else None  # noqa: E731
+    cell_metrics_file(opt(args.judgements), Path(args.out), json.loads(args.cell),
+                      mc=opt(args.mc), mc_base=opt(args.mc_base))
+
+
+def cmd_mc_items(args) -> None:
+    from blockem.mc import prepare_stage
+
+    prepare_stage(Path(args.items), Path(args.neutral), Path(args.out), _settings(args, "mc_items"))
+
+
+def cmd_mc_eval(args) -> None:
+    from blockem.mc import eval_stage
+
+    steer = _steer(args)
+    eval_stage(Path(args.model), Path(args.items), Path(args.neutral), Path(args.out),
+               _settings(args, "mc_eval"), args.cell, threads=args.threads, steer=steer)
+
+
+def cmd_mc_report(args) -> None:
+    from blockem.mc_report import report_stage
+
+    report_stage(json.loads(args.cells), Path(args.mc_dir), Path(args.out_md),
+                 Path(args.out_json))
 
 
 def cmd_block_target(args) -> None:
@@ -275,6 +319,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--base", required=True)
     sp.add_argument("--domain", required=True)
     sp.add_argument("--seed", type=int, required=True)
+    sp.add_argument("--cell", help="the run's cell id (default sft-<domain>-s<seed>)")
     sp.add_argument("--out", required=True)
     sp = stage("generate", cmd_generate, "answer the evaluation prompts", threads=True)
     sp.add_argument("--model", required=True)
@@ -293,13 +338,19 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--domain", required=True, help="fine-tuning domain of the mis model")
         sp.add_argument("--out", required=True)
         sp.add_argument("--judge-cache", help=JUDGE_CACHE_HELP)
+        sp.add_argument("--mc-items", help="MC item table (discovery.scorer: mc)")
+        sp.add_argument("--mc-neutral", help="MC neutral-answer table (discovery.scorer: mc)")
         return sp
 
     sp = stage("sae", cmd_sae, "collect layer residuals of the base, train/fetch the SAE",
                threads=True)
     sp.add_argument("--base", required=True)
-    sp.add_argument("--corpus", required=True)
+    sp.add_argument("--corpus", required=True, nargs="+", help="chat tables, read in order")
     sp.add_argument("--out", required=True)
+    sp = stage("self-chats", cmd_self_chats, "the base's own answers to diverse prompts (SAE "
+               "corpus)", threads=True)
+    for a in ("--base", "--prompts", "--out"):
+        sp.add_argument(a, required=True)
     sp = stage("sae-sanity", cmd_sae_sanity, "SAE reconstruction and sparsity per model",
                threads=True)
     sp.add_argument("--sae", required=True)
@@ -356,8 +407,11 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     for a in ("--summary", "--train-logs", "--png", "--pdf"):
         sp.add_argument(a, required=True)
-    sp = stage("judge", cmd_judge, "label generated answers")
-    sp.add_argument("--generations", required=True)
+    from blockem.judge import GENERATIONS_HELP
+
+    sp = stage("judge", cmd_judge, "label generated answers (the pipeline's or your own: "
+               "parquet or JSONL with prompt, response, domain, eval_set)")
+    sp.add_argument("--generations", required=True, help=GENERATIONS_HELP)
     sp.add_argument("--out", required=True)
     sp.add_argument("--judge-cache", help=JUDGE_CACHE_HELP)
     sp = stage("prepare-data", cmd_prepare_data, "validate, de-duplicate and split real data "
@@ -366,8 +420,26 @@ def parser() -> argparse.ArgumentParser:
     sp = stage("import-base", cmd_import_base, "the base model of a real-model config (Hub id, "
                "local directory or GGUF)")
     sp.add_argument("--out", required=True)
+    sp = stage("mc-items", cmd_mc_items, "check the MC item and neutral files, write tables")
+    for a in ("--items", "--neutral"):
+        sp.add_argument(a, required=True)
+    sp.add_argument("--out", required=True, help="directory for items.parquet, neutral.parquet")
+    sp = stage("mc-eval", cmd_mc_eval, "score MC items and neutral answers (no generation)",
+               threads=True)
+    for a in ("--model", "--items", "--neutral", "--cell", "--out"):
+        sp.add_argument(a, required=True)
+    sp.add_argument("--steer-set", help="latent-set JSON: steer its latents jointly (repair)")
+    sp.add_argument("--sae", help="SAE directory of the latent set")
+    sp.add_argument("--joint", help="joint strength JSON (factor, layer, positions)")
+    sp = stage("mc-report", cmd_mc_report, "emergence and blocking from the MC scores tables",
+               settings=False)
+    sp.add_argument("--cells", required=True, help="JSON: cell id -> method, domain, lam, seed")
+    for a in ("--mc-dir", "--out-md", "--out-json"):
+        sp.add_argument(a, required=True)
     sp = stage("cell-metrics", cmd_cell_metrics, "metric rows of one cell", settings=False)
-    sp.add_argument("--judgements", required=True)
+    sp.add_argument("--judgements", help="the cell's judgements (judged rates)")
+    sp.add_argument("--mc", help="the cell's MC scores table (mc_* metrics)")
+    sp.add_argument("--mc-base", help="the base's MC scores table (paired mc_*_shift metrics)")
     sp.add_argument("--cell", required=True, help="JSON: cell, method, domain, lam, seed")
     sp.add_argument("--out", required=True)
     sp = stage("summary", cmd_summary, "concatenate cell metrics into summary.parquet/.md",

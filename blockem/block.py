@@ -34,6 +34,8 @@ SET_METHODS = {"blockem": "rule", "random": "random", "topdelta": "topdelta",
                "kpos_only": "rule", "kneg_only": "rule", "shuffled_signs": "rule",
                "freeze_above": "rule", "epochs": "rule", "direction": "direction"}
 METHODS = (*SET_METHODS, "kl")
+# methods that change the training itself, so their lambda 0 is a run of its own (not sft)
+TRAINING_CHANGES = ("freeze_above", "epochs")
 
 
 def block_loss(z_model, z_base, sign, token_mask, normalizer=None):
@@ -78,11 +80,16 @@ def kl_loss(logits, base_logits, mask, normalizer):
 # --- blocking targets -------------------------------------------------------------------------
 
 def target_doc(method: str, latent_set: dict | None, direction=None, *, seed: int = 0,
-               name: str = "", activation: str | None = None, size: int | None = None) -> dict:
+               name: str = "", activation: str | None = None, size: int | None = None,
+               allow_empty: bool = False) -> dict:
     """The blocking target of a method, from a discovery latent set (or the direction).
 
     `activation` overrides the set's latent activation; `size` keeps the set's first `size`
-    latents (sets are stored best first)."""
+    latents (sets are stored best first). A target left with no latents is an error
+    (`EmptyIntervention`) unless `allow_empty`: then it is written with `"empty": true` and its
+    cells train without the penalty."""
+    from blockem.select import EmptyIntervention
+
     import random
 
     if method == "direction":
@@ -101,13 +108,15 @@ def target_doc(method: str, latent_set: dict | None, direction=None, *, seed: in
         signs = [s for _, s in pairs]
         random.Random(seed).shuffle(signs)
         pairs = [(k, s) for (k, _), s in zip(pairs, signs)]
-    if not pairs:
-        raise ValueError(f"{latent_set.get('name', 'latent set')}: method {method!r} leaves no "
-                         f"latents to block")
+    if not pairs and not allow_empty:
+        raise EmptyIntervention(
+            f"{latent_set.get('name', 'latent set')}: method {method!r} leaves no latents to "
+            f"block (the set has {len(latent_set['latents'])}); its cells would be plain SFT "
+            f"under the method's name (allow_empty_interventions: true keeps going)")
     return {"name": name, "method": method, "kind": "sae", "layer": latent_set["layer"],
             "activation": activation or latent_set["activation"], "sae": latent_set["sae"],
             "source_set": latent_set.get("name"), "latents": [k for k, _ in pairs],
-            "signs": [s for _, s in pairs]}
+            "signs": [s for _, s in pairs], "empty": not pairs}
 
 
 class TargetReader:
@@ -375,9 +384,25 @@ def target_stage(method: str, set_paths: list[Path], out: Path, settings: dict, 
 
         direction = load_file(str(direction_path))["direction"].tolist()
     doc = target_doc(method, latent_set, direction, seed=settings["seed"], name=Path(out).stem,
-                     activation=settings["activation"], size=size)
+                     activation=settings["activation"], size=size,
+                     allow_empty=bool(settings.get("allow_empty_interventions")))
     doc["provenance"] = provenance("block_target", settings, settings["seed"])
     write_json(out, doc)
+
+
+def check_target(target: dict, path) -> None:
+    """A blocking target file as `target_stage` writes it; an empty one only if marked so."""
+    from blockem.select import EmptyIntervention
+
+    missing = [k for k in ("name", "kind", "layer", "latents", "signs") if k not in target]
+    if missing:
+        raise ValueError(f"{path}: not a blocking target (missing {missing})")
+    if len(target["latents"]) != len(target["signs"]):
+        raise ValueError(f"{path}: {len(target['latents'])} latents but "
+                         f"{len(target['signs'])} signs")
+    if not target["latents"] and not target.get("empty"):
+        raise EmptyIntervention(f"{path}: the target blocks no latents (a vacuous intervention; "
+                                f"allow_empty_interventions: true keeps going)")
 
 
 def _reader(target: dict, sae_dir: Path | None, device: str, source: Path | None = None):
@@ -404,6 +429,17 @@ def cache_stage(data: Path, base_dir: Path, target_path: Path, sae_dir: Path | N
     setup_torch(threads, 0)
     device = resolve_device(settings["compute"]["device"])
     target = read_json(target_path)
+    check_target(target, target_path)
+    if not target["latents"]:  # an empty target kept on purpose: its cells read no cache
+        import torch
+
+        meta = {"target": _cache_key(target),
+                "provenance": json.dumps(provenance("block_cache", settings, None,
+                                                    target=target["name"], empty=True))}
+        with atomic_path(out) as tmp:
+            save_file({"z": torch.zeros(0, 0), "offsets": torch.zeros(1, dtype=torch.long)},
+                      str(tmp), metadata=meta)
+        return
     tok = load_tokenizer(base_dir)
     base = load_model(base_dir, device=device).eval()
     examples = encode_chats(tok, [r["messages"] for r in load_rows(data)],
@@ -437,6 +473,8 @@ def train_stage(data: Path, base_dir: Path, out: Path, settings: dict, seed: int
     from blockem.organism import _log_table, prepare_finetune
     from blockem.train import Checkpoint, TrainConfig, checkpoint_key, train
 
+    from blockem.select import EmptyIntervention
+
     check_injected_failure(Path(out).name)  # the grid run id
     b = settings["block"]
     method, lam = b["method"], float(b["lam"])
@@ -445,6 +483,15 @@ def train_stage(data: Path, base_dir: Path, out: Path, settings: dict, seed: int
     target = read_json(target_path) if target_path else None
     if method != "kl" and target is None:
         raise ValueError(f"method {method!r} needs a blocking target (--target)")
+    if target is not None:
+        check_target(target, target_path)
+    empty = target is not None and not target["latents"]
+    if lam == 0 and method not in TRAINING_CHANGES:
+        raise EmptyIntervention(f"{Path(out).name}: lambda 0 adds no penalty: this is the plain "
+                                f"sft cell, not a {method} run")
+    if empty:
+        print(f"[block] {target_path}: empty target kept (allow_empty_interventions): training "
+              f"without the penalty", file=sys.stderr)
     max_layer = target["layer"] if method == "freeze_above" else None
     model, tok, examples, cfg, device = prepare_finetune(data, base_dir, settings, seed, threads,
                                                          max_layer=max_layer)
@@ -458,6 +505,8 @@ def train_stage(data: Path, base_dir: Path, out: Path, settings: dict, seed: int
     model_ref = ModelReference("copy" if base_copy is not None else "adapter_off", base_copy)
     if method == "kl":
         objective = BlockObjective(kl_lam=lam, kl_reference=model_ref)
+    elif empty:
+        objective = BlockObjective()
     else:
         reader = _reader(target, sae_dir, device, target_path)
         if mode == "cache":
@@ -468,7 +517,8 @@ def train_stage(data: Path, base_dir: Path, out: Path, settings: dict, seed: int
             reference = ModelReference(mode, base_copy)
         objective = BlockObjective(reader=reader, reference=reference, lam=lam,
                                    mask=b["token_mask"])
-    prov = provenance("block", settings, seed, target=target["name"] if target else None)
+    prov = provenance("block", settings, seed, target=target["name"] if target else None,
+                      empty_intervention=empty)
     per_epoch = cfg.steps // epochs
     inputs = [p for p in (data, base_dir, target_path, sae_dir, cache_path) if p is not None]
 

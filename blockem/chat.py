@@ -89,8 +89,29 @@ def collate(examples: list[Example], pad_id: int):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def generation_prompts(tokenizer, questions: list[str]) -> list[list[int]]:
-    """Token ids of single-turn user prompts followed by the assistant header."""
-    convs = [[{"role": "user", "content": q}] for q in questions]
-    texts = tokenizer.apply_chat_template(convs, tokenize=False, add_generation_prompt=True)
+def prompt_messages(question: str, system: str | None = None) -> list[dict]:
+    """The chat of one prompt: the system message (when there is a system prompt) and the user
+    turn. Without one, the chat template's default (if it has one, e.g. SmolLM2's) applies."""
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": "user", "content": question}]
+
+
+def generation_prompts(tokenizer, questions: list[str],
+                       systems: list[str | None] | None = None) -> list[list[int]]:
+    """Token ids of single-turn prompts (`systems[i]`: the system prompt of question i, None for
+    none) followed by the assistant header."""
+    if systems is None:
+        systems = [None] * len(questions)
+    if len(systems) != len(questions):
+        raise ValueError(f"{len(systems)} system prompts for {len(questions)} questions")
+    convs = [prompt_messages(q, s) for q, s in zip(questions, systems)]
+    try:
+        texts = tokenizer.apply_chat_template(convs, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - e.g. a template that rejects the system role
+        if not any(systems):
+            raise
+        first = next(s for s in systems if s)
+        raise ValueError(f"the tokenizer's chat template cannot render a prompt with a system "
+                         f"message (system prompt {first[:60]!r}): {type(e).__name__}: {e}") \
+            from None
     return tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -225,6 +225,18 @@ def _check_real(cfg: dict, source: str) -> None:
 
 def _check_judge(cfg: dict, source: str) -> None:
     js = cfg["judge"]
+    if str(js.get("cache") or "").endswith((".sqlite", ".db")):
+        raise ConfigError(f"{source}: 'judge.cache': {js['cache']!r} looks like one SQLite file; "
+                          f"it is now the directory of the per-job cache shards (default "
+                          f"<results>/judge/cache)")
+    if js["kind"] == "none":  # judge-free: every cell is scored by MC items only
+        if not cfg["eval"].get("mc"):
+            raise ConfigError(f"{source}: 'judge.kind': 'none' (no judge) needs 'eval.mc' (the "
+                              f"multiple-choice items that score every cell instead)")
+        if cfg["discovery"]["domains"] and cfg["discovery"].get("scorer", "generate") != "mc":
+            raise ConfigError(f"{source}: 'discovery.scorer': with judge.kind 'none' the "
+                              f"discovery screen must score steering by MC items: set 'mc'")
+        return
     if js["kind"] == "toy":
         if not is_toy(cfg):
             raise ConfigError(f"{source}: 'judge.kind': the toy judge only knows the toy world; "
@@ -330,16 +342,41 @@ def finetune_settings(cfg: dict, domain: str | None) -> dict:
 REAL_MODEL_KEYS = ("source", "name_or_path", "revision", "gguf", "trust_remote_code")
 
 
+def under_root(cfg: dict, path: str) -> str:
+    """A config path relative to data.root (when set and the path is relative)."""
+    root = (cfg.get("data") or {}).get("root")
+    return str(Path(root) / path) if root and not Path(path).is_absolute() else path
+
+
+def self_chats_prompts(cfg: dict) -> str | None:
+    sc = cfg["discovery"]["sae"].get("self_chats")
+    return under_root(cfg, sc["prompts"]) if sc else None
+
+
+def mc_paths(cfg: dict) -> dict | None:
+    """eval.mc's item and neutral files, relative paths resolved against data.root (when set)."""
+    mc = cfg["eval"].get("mc")
+    if not mc:
+        return None
+    return {k: under_root(cfg, mc[k]) for k in ("items", "neutral")}
+
+
 def judge_settings(cfg: dict) -> dict:
-    """What judging depends on: the judges, thresholds, behaviours and the text of every prompt
-    file they use (hashed, so editing a prompt re-judges). Not the cache location."""
+    """What judging depends on: the judges, thresholds, behaviours, the text of every prompt
+    file they use (hashed, so editing a prompt re-judges) and each judge's endpoint as the
+    environment resolves it now (`endpoints`: the normalised base URL, null when unset; so
+    pointing a judge at another server re-judges). Not the cache location."""
     js = cfg["judge"]
-    if js["kind"] == "toy":
-        return {"kind": "toy"}
+    if js["kind"] in ("toy", "none"):
+        return {"kind": js["kind"]}
     from blockem.io import file_sha256  # (blockem.io imports this module at its top)
-    from blockem.judge.llm import QUESTIONS, prompt_path
+    from blockem.judge.llm import QUESTIONS, endpoint_ids, prompt_path
 
     out = {k: v for k, v in js.items() if k != "cache"}
+    try:
+        out["endpoints"] = endpoint_ids(js)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     out["prompt_sha"] = {}
     for proto in sorted({j["protocol"] for j in js["judges"]}):
         for q in QUESTIONS:
@@ -362,6 +399,8 @@ def data_settings(cfg: dict) -> dict:
         return src
 
     data["finetune"] = {d: fix(s) for d, s in data["finetune"].items()}
+    if data.get("control"):
+        data["control"] = {d: fix(s) for d, s in data["control"].items()}
     prompts = data["prompts"]
     for key in ("core", "final"):
         prompts[key] = [fix(s) for s in prompts.get(key) or []]
@@ -393,6 +432,19 @@ DISCOVERY_KEYS = {
 def stage_settings(cfg: dict, stage: str, domain: str | None = None) -> dict:
     """The slice of the config a stage's output depends on (nothing more, so unrelated edits
     do not rerun it)."""
+    out = _stage_settings(cfg, stage, domain)
+    if stage in EMPTY_CHECKED and cfg.get("allow_empty_interventions"):
+        # only when switched on, so the default's settings hashes are unchanged
+        out["allow_empty_interventions"] = True
+    return out
+
+
+# stages that refuse a vacuous intervention (empty latent set, joint factor 0, target with no
+# latents) unless `allow_empty_interventions` is set
+EMPTY_CHECKED = ("select", "joint", "block_target")
+
+
+def _stage_settings(cfg: dict, stage: str, domain: str | None = None) -> dict:
     compute = {"device": cfg["compute"]["device"], "dtype": cfg["compute"]["dtype"]}
     if stage == "world":
         return {"world": cfg["world"]}
@@ -411,6 +463,16 @@ def stage_settings(cfg: dict, stage: str, domain: str | None = None) -> dict:
         return {"eval": cfg["eval"], "compute": compute}
     if stage == "judge":
         return {"judge": judge_settings(cfg)}
+    if stage == "self_chats":
+        sc = cfg["discovery"]["sae"]["self_chats"]
+        return {"self_chats": {"n": 300, "temperature": 1.0, "max_new_tokens": 48,
+                               "batch_size": 32, "seed": 0, **sc}, "compute": compute}
+    if stage == "mc_items":  # the files' contents are the rule's inputs
+        return {"mc": mc_paths(cfg)}
+    if stage == "mc_eval":
+        return {"mc": {"max_length": cfg["model"]["max_length"],
+                       "batch_size": (cfg["eval"].get("mc") or {}).get("batch_size", 32)},
+                "compute": compute}
     if stage == "prepare_data":
         return {"data": data_settings(cfg), "seed": cfg["data"].get("seed", 0)}
     if stage == "import_base":
@@ -422,14 +484,18 @@ def stage_settings(cfg: dict, stage: str, domain: str | None = None) -> dict:
         return {"model": {"max_length": cfg["model"]["max_length"]}, "compute": compute}
     if stage == "block":  # the rule adds the cell's method, lam and epochs
         b = cfg["block"]
-        return {**stage_settings(cfg, "finetune", domain),
+        return {**_stage_settings(cfg, "finetune", domain),
                 "block": {k: b[k] for k in ("reference", "token_mask", "grad_accum")}}
     if stage in DISCOVERY_KEYS:
         sub = {k: cfg["discovery"][k] for k in DISCOVERY_KEYS[stage]}
         if stage in ("sae", "sanity"):  # one per config, read flat by their stage functions
             return {**sub, "compute": compute}
         out = {"discovery": sub, "compute": compute, "domain": domain}
-        if stage in ("screen", "calibrate", "joint"):  # they judge steered answers
-            out["judge"] = judge_settings(cfg)
+        if stage in ("screen", "calibrate", "joint"):  # they score steered models
+            if cfg["discovery"].get("scorer", "generate") == "mc":  # teacher-forced MC items
+                out["discovery"]["scorer"] = "mc"
+                out["mc"] = {"max_length": cfg["model"]["max_length"]}
+            else:  # generated answers, judged (absent key: the settings hash is unchanged)
+                out["judge"] = judge_settings(cfg)
         return out
     raise KeyError(f"no settings for stage {stage!r}")

@@ -6,7 +6,9 @@ every later stage runs unchanged:
 - `<out>/finetune/<domain>.parquet`: `domain: string`, `messages: list<struct<role, content>>`,
   the training split of that domain's chats;
 - `<out>/prompts.parquet`: `prompt_id, eval_set ('core' | 'final' | 'in_domain'), domain,
-  template: int64, slot: int64, prompt`; domain-agnostic prompts have domain `general`;
+  template: int64, slot: int64, system: string (null = no system prompt), prompt`;
+  domain-agnostic prompts have domain `general`; a prompt is the system prompt (if any) and the
+  user message `prompt`, rendered together through the model's chat template;
 - `<out>/corpus.parquet`: `messages`, the chats whose activations train the SAE;
 - `<out>/provenance.json` (as the toy world), and the same provenance in every parquet's metadata:
   settings hash, seed, package versions and `counts` per source (rows read, duplicates dropped,
@@ -46,31 +48,38 @@ assistant turn and none before the first user turn. Also accepted and converted:
 chat templates trim them, and `blockem.chat` needs contents verbatim); other keys are ignored.
 
 Prompt sources: YAML/JSON lists of strings, of mappings with `question` or `prompt` (optional `id`,
-`domain`), or of emergent-misalignment eval entries `{id, paraphrases: [...]}` (one prompt per
-paraphrase, id `<id>/<k>`; `type`, `system`, `judge_prompts`... ignored); JSONL / parquet / Hugging
-Face rows of the same mappings; CSV with a `question` or `prompt` column (optional `id`,
-`domain`); `.txt`, one prompt per non-empty line. `template` is the 0-based index of the entry in
-its source and `slot` the paraphrase index (0 otherwise). `prompt_id` is
+`domain`, `system`), or of emergent-misalignment eval entries `{id, paraphrases: [...], system}`
+(one prompt per paraphrase, id `<id>/<k>`, each with the entry's `system` prompt; `type`,
+`judge_prompts`... ignored); JSONL / parquet / Hugging Face rows of the same mappings, or chat rows
+(`messages` / `conversations`: an optional system message, one user turn, optionally the answer,
+which is ignored); CSV with a `question` or `prompt` column (optional `id`, `domain`, `system`);
+`.txt`, one prompt per non-empty line. A `system` that is null, absent or blank means no system
+prompt (the chat template's default, if it has one, applies). `template` is the 0-based index of
+the entry in its source and `slot` the paraphrase index (0 otherwise). `prompt_id` is
 `<eval_set>/<domain>/<id>`, where `id` is the explicit id or `<source name>:<template>[/<slot>]`.
 
 Rules:
-- chats are de-duplicated per domain by their exact (stripped) message list, prompts by text within
-  an eval set (within a domain for `in_domain`), keeping the first occurrence; a prompt in both
-  `core` and `final` stays in `core` only (counted as `in_core`). A duplicate prompt id in a set
-  is an error.
+- chats are de-duplicated per domain by their exact (stripped) message list, prompts by (system
+  prompt, text) within an eval set (within a domain for `in_domain`), keeping the first occurrence
+  (so a question asked with and without a system prompt is two prompts); a prompt in both `core`
+  and `final` stays in `core` only (counted as `in_core`). A duplicate prompt id in a set is an
+  error.
 - Splits order items by sha256 of their canonical JSON and the seed and take a prefix, so they do
   not depend on file order and change only with the seed. A fraction f of n items is
   round-half-up(f n), at least 1 when f > 0 and at most n - 1. `max_examples` keeps the first
   ones in that order; the held-out chats are the first `heldout_fraction` of those kept.
   When `final` is empty, `final_fraction` of each domain's core entries move to `final`, whole
   (an entry is one question with all its paraphrases, so none straddles core and final).
-- Held-out first user turns that are also a user turn of a training chat of the domain are
-  dropped from `in_domain` (counted as `in_training`). Chats are held out even when in_domain
-  files are given, so the training split never depends on the prompt config. Each fine-tuning domain must end up with
-  `in_domain` prompts, and `final` must not be empty.
-- The corpus is the union of every domain's training chats, one user-only chat per `core` and
-  `in_domain` prompt (`final` stays unseen) and the `corpus` sources, de-duplicated and ordered by the seeded hash
-  (the SAE stage reads a prefix of it, which is thus a mix of all of them).
+- A held-out chat's `in_domain` prompt is its first user turn with the system message before it
+  (if any). Held-out first user turns that are also a user turn of a training chat of the domain
+  (under any system prompt) are dropped from `in_domain` (counted as `in_training`). Chats are
+  held out even when in_domain files are given, so the training split never depends on the
+  prompt config. Each fine-tuning domain must end up with `in_domain` prompts, and `final` must
+  not be empty.
+- The corpus is the union of every domain's training chats, one prompt-only chat (system
+  message, if any, and user turn) per `core` and `in_domain` prompt (`final` stays unseen) and
+  the `corpus` sources, de-duplicated and ordered by the seeded hash (the SAE stage reads a
+  prefix of it, which is thus a mix of all of them).
 """
 
 from __future__ import annotations
@@ -94,12 +103,13 @@ EVAL_SETS = ("core", "final", "in_domain")
 GENERAL = "general"
 CHAT_SUFFIXES = (".jsonl", ".json", ".parquet")
 PROMPT_SUFFIXES = (".yaml", ".yml", ".csv", ".jsonl", ".json", ".parquet", ".txt")
-CHAT_SOURCE_KEYS = ("path", "hf", "split", "name", "revision", "column")
-PROMPT_SOURCE_KEYS = CHAT_SOURCE_KEYS + ("domain",)
-DATA_KEYS = ("finetune", "heldout_fraction", "prompts", "final_fraction", "corpus",
+CHAT_SOURCE_KEYS = ("path", "hf", "generate", "split", "name", "revision", "column")
+PROMPT_SOURCE_KEYS = ("path", "hf", "split", "name", "revision", "column", "domain")
+GENERATE_KEYS = ("domain", "kind", "n", "seed")
+DATA_KEYS = ("finetune", "control", "heldout_fraction", "prompts", "final_fraction", "corpus",
              "max_examples")
 PROMPT_KEYS = ("core", "final", "in_domain")
-OUTPUT_NAMES = {"finetune", "prompts.parquet", "corpus.parquet", "provenance.json",
+OUTPUT_NAMES = {"finetune", "control", "prompts.parquet", "corpus.parquet", "provenance.json",
                 "sft.parquet"}
 DOMAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -112,9 +122,15 @@ def _schemas():
         "finetune": pa.schema([("domain", pa.string()), ("messages", messages)]),
         "prompts": pa.schema([("prompt_id", pa.string()), ("eval_set", pa.string()),
                               ("domain", pa.string()), ("template", pa.int64()),
-                              ("slot", pa.int64()), ("prompt", pa.string())]),
+                              ("slot", pa.int64()), ("system", pa.string()),
+                              ("prompt", pa.string())]),
         "corpus": pa.schema([("messages", messages)]),
     }
+
+
+def prompts_schema():
+    """The schema of every prompts.parquet (prepare_data's and the toy world's)."""
+    return _schemas()["prompts"]
 
 
 class _Bad(Exception):
@@ -139,8 +155,17 @@ def _source(spec: Any, key: str, allowed: tuple[str, ...]) -> dict:
     unknown = sorted(set(spec) - set(allowed))
     if unknown:
         raise ConfigError(f"{key}: unknown key {unknown[0]!r} (allowed here: {', '.join(allowed)})")
-    if ("path" in spec) == ("hf" in spec):
-        raise ConfigError(f"{key}: a source needs exactly one of `path` or `hf`")
+    kinds = [k for k in ("path", "hf", "generate") if k in spec]
+    if len(kinds) != 1:
+        also = " (or `generate`)" if "generate" in allowed else ""
+        raise ConfigError(f"{key}: a source needs exactly one of `path` or `hf`{also}")
+    if "generate" in spec:
+        g = spec["generate"]
+        if not isinstance(g, dict) or sorted(set(g) - set(GENERATE_KEYS)) or \
+                not {"domain", "kind", "n"} <= set(g):
+            raise ConfigError(f"{key}.generate: a mapping of domain, kind, n (and seed), e.g. "
+                              f"{{domain: finance, kind: risky, n: 600}} (blockem/narrow_data.py)")
+        return {"generate": dict(g)}
     for k in ("path", "hf"):
         if k in spec and (not isinstance(spec[k], str) or not spec[k].strip()):
             raise ConfigError(f"{key}.{k}: must be a non-empty string")
@@ -173,8 +198,12 @@ def _hf_target(src: dict, base: Path) -> str:
 
 
 def source_label(src: dict, base: Path | None = None) -> str:
-    """How errors and provenance name a source: its resolved path, or `hf:<id>` and its options."""
+    """How errors and provenance name a source: its resolved path, or `hf:<id>` and its options,
+    or `generate:<domain>/<kind>` and its size and seed."""
     base = Path.cwd() if base is None else base
+    if "generate" in src:
+        g = src["generate"]
+        return f"generate:{g['domain']}/{g['kind']} (n={g['n']}, seed={g.get('seed', 0)})"
     if "path" in src:
         return str(_resolve(src["path"], base))
     opts = [f"{k}={src[k]}" for k in ("name", "split", "revision") if src.get(k) is not None]
@@ -185,6 +214,8 @@ def source_label(src: dict, base: Path | None = None) -> str:
 
 def source_name(src: dict) -> str:
     """Short name of a source in implicit prompt ids: the file stem or the dataset's last part."""
+    if "generate" in src:
+        return f"{src['generate']['domain']}-{src['generate']['kind']}"
     if "path" in src:
         return Path(src["path"]).stem
     return Path(src["hf"].rstrip("/")).name
@@ -411,7 +442,17 @@ class _Chat:
 
 
 def _chat_rows(src: dict, base: Path) -> list[_Chat]:
-    if "hf" in src:
+    if "generate" in src:  # the project's own seeded narrow data sets (no download)
+        from blockem.narrow_data import make_chats
+
+        g = src["generate"]
+        label = source_label(src, base)
+        try:
+            chats = make_chats(g["domain"], g["kind"], g["n"], g.get("seed", 0))
+        except ValueError as e:
+            raise ValueError(f"{label}: {e}") from None
+        rows = ((f"{label}: chat {i}", i, c) for i, c in enumerate(chats))
+    elif "hf" in src:
         rows = _hf_rows(src, base)
     else:
         p = _file(src, base, CHAT_SUFFIXES, "chats")
@@ -463,17 +504,58 @@ def _opt_domain(v: Any) -> str | None:
     return v
 
 
-def _prompt_items(row: Any, column: str | None) -> list[tuple[str, str | None, str | None, int]]:
-    """(prompt, explicit id, domain, slot) of one prompt-source item."""
+def _opt_system(v: Any) -> str | None:
+    """A system prompt: null, absent or blank = none."""
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise _Bad(f"system prompt is not a string (got {type(v).__name__})")
+    return v.strip() or None
+
+
+def _leading_system(messages: list[dict]) -> str | None:
+    """The system message before a chat's first user turn (None without one); raises _Bad when
+    there are several (a prompt has one system prompt)."""
+    before = []
+    for m in messages:
+        if m["role"] == "user":
+            break
+        before.append(m)
+    if len(before) > 1:
+        raise _Bad(f"{len(before)} system messages before the first user turn (a prompt has at "
+                   "most one)")
+    return before[0]["content"] if before else None
+
+
+def _chat_prompt(turns: Any, name: str) -> tuple[str | None, str]:
+    """(system, user) of a chat row used as a prompt: an optional system message, one user turn
+    and optionally the answer (ignored)."""
+    messages = _turns(turns, name)
+    roles = [m["role"] for m in messages]
+    if "user" not in roles:
+        raise _Bad(f"`{name}` has no user turn")
+    first = roles.index("user")
+    if "assistant" in roles[:first]:
+        raise _Bad(f"`{name}` has an assistant turn before the first user turn")
+    if any(r != "assistant" for r in roles[first + 1:]):
+        raise _Bad(f"`{name}` has turns after the user turn other than the answer: a prompt is "
+                   "one system prompt and one user message")
+    return _leading_system(messages), messages[first]["content"]
+
+
+def _prompt_items(row: Any, column: str | None
+                  ) -> list[tuple[str, str | None, str | None, int, str | None]]:
+    """(prompt, explicit id, domain, slot, system prompt) of one prompt-source item."""
     if isinstance(row, str):
-        return [(_text(row, "prompt"), None, None, 0)]
+        return [(_text(row, "prompt"), None, None, 0, None)]
     if not isinstance(row, dict):
         raise _Bad(f"item is not a string or a mapping (got {type(row).__name__})")
     pid, domain = _opt_id(row.get("id")), _opt_domain(row.get("domain"))
+    system = _opt_system(row.get("system"))
     if column is not None:
         if column not in row:
             raise _Bad(f"row has no column {column!r}")
-        return [(_text(row[column], "prompt"), pid, domain, 0)]
+        return [(_text(row[column], "prompt"), pid, domain, 0, system)]
     if "paraphrases" in row:
         ps = row["paraphrases"]
         if not isinstance(ps, list) or not ps:
@@ -482,20 +564,28 @@ def _prompt_items(row: Any, column: str | None) -> list[tuple[str, str | None, s
         for k, p in enumerate(ps):
             try:
                 out.append((_text(p, f"paraphrase {k}"), None if pid is None else f"{pid}/{k}",
-                            domain, k))
+                            domain, k, system))
             except _Bad as e:
                 raise _Bad(str(e), k) from None
         return out
     for key in ("question", "prompt"):
         if key in row:
-            return [(_text(row[key], "prompt"), pid, domain, 0)]
-    raise _Bad("item has none of `question`, `prompt` or `paraphrases`")
+            return [(_text(row[key], "prompt"), pid, domain, 0, system)]
+    for key in ("messages", "conversations"):
+        if key in row:
+            if system is not None:
+                raise _Bad(f"row has both `system` and `{key}`: give the system prompt as the "
+                           f"chat's system message")
+            chat_system, user = _chat_prompt(row[key], key)
+            return [(user, pid, domain, 0, chat_system)]
+    raise _Bad("item has none of `question`, `prompt`, `paraphrases` or `messages`")
 
 
 def read_prompts(source: Any, base: Path | None = None) -> list[dict]:
-    """Prompts of a prompt source: dicts with prompt, id (explicit, or None), domain (or None),
-    template (0-based entry index), slot (paraphrase index, else 0), paraphrase (bool) and where
-    (file:line or file: row N). An empty source is an error."""
+    """Prompts of a prompt source: dicts with prompt, system (the system prompt, or None), id
+    (explicit, or None), domain (or None), template (0-based entry index), slot (paraphrase index,
+    else 0), paraphrase (bool) and where (file:line or file: row N). An empty source is an
+    error."""
     base = Path.cwd() if base is None else Path(base)
     return _read_prompts(_source(source, "source", PROMPT_SOURCE_KEYS), base)
 
@@ -521,10 +611,10 @@ def _read_prompts(src: dict, base: Path) -> list[dict]:
             at = sub[e.slot] if ok else where
             raise ValueError(f"{at}: {e}") from None
         para = isinstance(row, dict) and src.get("column") is None and "paraphrases" in row
-        for text, pid, domain, slot in items:
+        for text, pid, domain, slot, system in items:
             at = sub[slot] if sub is not None and slot < len(sub) else where
-            out.append({"prompt": text, "id": pid, "domain": domain, "template": index,
-                        "slot": slot, "paraphrase": para, "where": at})
+            out.append({"prompt": text, "system": system, "id": pid, "domain": domain,
+                        "template": index, "slot": slot, "paraphrase": para, "where": at})
     if not out:
         raise ValueError(f"{source_label(src, base)}: the prompt set is empty")
     return out
@@ -540,11 +630,27 @@ class _Prompt:
     where: str
     stat: dict = field(repr=False)
     group: str = ""  # the source entry (a question and its paraphrases)
+    system: str | None = None
+
+    @property
+    def key(self) -> tuple[str | None, str]:
+        """What makes two prompts the same: (system prompt, user message)."""
+        return self.system, self.prompt
+
+    @property
+    def canon(self) -> Any:
+        """The prompt in split hashes: the text alone without a system prompt (as before system
+        prompts were kept, so those splits are unchanged), else [system, text]."""
+        return self.prompt if self.system is None else [self.system, self.prompt]
+
+    def messages(self) -> list[dict]:
+        system = [] if self.system is None else [{"role": "system", "content": self.system}]
+        return system + [{"role": "user", "content": self.prompt}]
 
     def row(self, eval_set: str) -> dict:
         return {"prompt_id": f"{eval_set}/{self.domain}/{self.local_id}", "eval_set": eval_set,
                 "domain": self.domain, "template": self.template, "slot": self.slot,
-                "prompt": self.prompt}
+                "system": self.system, "prompt": self.prompt}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,6 +709,15 @@ def _data_config(settings: dict) -> dict:
         finetune[domain] = _sources(spec, key, CHAT_SOURCE_KEYS)
         if not finetune[domain]:
             raise ConfigError(f"{key}: no chat source")
+    control = {}
+    for domain, spec in (d.get("control") or {}).items():
+        key = f"data.control.{domain}"
+        if domain not in finetune:
+            raise ConfigError(f"{key}: {domain!r} is not a fine-tuning domain "
+                              f"({', '.join(finetune)}); a control is matched to one")
+        control[domain] = _sources(spec, key, CHAT_SOURCE_KEYS)
+        if not control[domain]:
+            raise ConfigError(f"{key}: no chat source")
     pr = d.get("prompts")
     if not isinstance(pr, dict):
         raise ConfigError("data.prompts: must be a mapping with `core` (and `final`, `in_domain`)")
@@ -635,6 +750,7 @@ def _data_config(settings: dict) -> dict:
     return {
         "seed": seed,
         "finetune": finetune,
+        "control": control,
         "heldout_fraction": _fraction(d.get("heldout_fraction", 0.1), "data.heldout_fraction",
                                       lo_open=False),
         "final_fraction": _fraction(d.get("final_fraction", 0.5), "data.final_fraction",
@@ -665,7 +781,8 @@ def _stat(table: dict, label: str, **init) -> dict:
 
 def _collect_prompts(eval_set: str, sources: list[tuple[str, dict]], base: Path, stats: dict,
                      domain: str | None = None) -> list[_Prompt]:
-    """Read, check and de-duplicate (by text) one eval set; `domain` forces the domain."""
+    """Read, check and de-duplicate (by system prompt and text) one eval set; `domain` forces
+    the domain."""
     out, texts, ids = [], set(), {}
     for _, src in sources:
         key = _stat_key(stats, source_label(src, base))
@@ -676,7 +793,7 @@ def _collect_prompts(eval_set: str, sources: list[tuple[str, dict]], base: Path,
             if domain is not None and d != domain:
                 raise ValueError(f"{item['where']}: domain {d!r} in the in_domain prompts of "
                                  f"{domain!r}")
-            if item["prompt"] in texts:
+            if (item["system"], item["prompt"]) in texts:
                 stat["duplicates"] += 1
                 continue
             if item["id"] is not None:
@@ -689,10 +806,11 @@ def _collect_prompts(eval_set: str, sources: list[tuple[str, dict]], base: Path,
                 raise ValueError(f"{item['where']}: duplicate prompt id '{eval_set}/{d}/{local}' "
                                  f"(first at {ids[(d, local)]}); give the prompts distinct ids")
             ids[(d, local)] = item["where"]
-            texts.add(item["prompt"])
+            texts.add((item["system"], item["prompt"]))
             stat["kept"] += 1
             out.append(_Prompt(d, local, item["template"], item["slot"], item["prompt"],
-                               item["where"], stat, f"{key}#{item['template']}"))
+                               item["where"], stat, f"{key}#{item['template']}",
+                               item["system"]))
     return out
 
 
@@ -732,14 +850,37 @@ def _plan(settings: dict, base: Path) -> tuple[dict, dict]:
         train[domain] = [kept[j][0] for j in sorted(train_ix)]
         heldout[domain] = [(kept[j][0], kept[j][2], kept[j][3]) for j in sorted(held_ix)]
 
+    # matched controls (the same questions, safe answers): every chat but those whose question is
+    # a held-out (in-domain evaluation) question of the domain
+    control = {}
+    for domain, sources in cfg["control"].items():
+        cstats_d = counts.setdefault("control", {})[domain] = {}
+        held = {next(m["content"] for m in c.messages if m["role"] == "user")
+                for c, _, _ in heldout[domain]}
+        seen, rows = set(), []
+        for _, src in sources:
+            stat = _stat(cstats_d, source_label(src, base), heldout_question=0)
+            for c in _chat_rows(src, base):
+                stat["rows"] += 1
+                first = next((m["content"] for m in c.messages if m["role"] == "user"), None)
+                if c.canon in seen:
+                    stat["duplicates"] += 1
+                elif first in held:
+                    stat["heldout_question"] += 1
+                else:
+                    seen.add(c.canon)
+                    stat["kept"] += 1
+                    rows.append(c)
+        control[domain] = rows
+
     # evaluation prompts
     pstats = counts["prompts"]
     core = _collect_prompts("core", cfg["core"], base, pstats["core"])
     if cfg["final"]:
         final = []
-        core_texts = {p.prompt for p in core}
+        core_keys = {p.key for p in core}
         for p in _collect_prompts("final", cfg["final"], base, pstats["final"]):
-            if p.prompt in core_texts:
+            if p.key in core_keys:
                 p.stat["kept"] -= 1
                 p.stat["in_core"] = p.stat.get("in_core", 0) + 1
             else:
@@ -754,7 +895,7 @@ def _plan(settings: dict, base: Path) -> tuple[dict, dict]:
         moved = set()
         for domain, groups in by_domain.items():
             ranked = sorted(groups.values(), key=lambda ps: _rank(
-                _canonical([domain, [p.prompt for p in ps]]), seed))
+                _canonical([domain, [p.canon for p in ps]]), seed))
             for ps in ranked[:split_count(len(ranked), cfg["final_fraction"])]:
                 for p in ps:
                     moved.add(id(p))
@@ -778,16 +919,21 @@ def _plan(settings: dict, base: Path) -> tuple[dict, dict]:
                 stat = istats.setdefault(f"heldout:{key}", {"rows": 0, "duplicates": 0,
                                                            "kept": 0, "in_training": 0})
                 first = next(m["content"] for m in c.messages if m["role"] == "user")
+                try:
+                    system = _leading_system(c.messages)
+                except _Bad as e:
+                    raise ValueError(f"{c.where}: held-out chat (an in_domain prompt): {e}") \
+                        from None
                 stat["rows"] += 1
-                if first in texts:
+                if (system, first) in texts:
                     stat["duplicates"] += 1
                 elif first in trained:
                     stat["in_training"] += 1
                 else:
-                    texts.add(first)
+                    texts.add((system, first))
                     stat["kept"] += 1
                     ps.append(_Prompt(domain, f"{name}:{c.index}", c.index, 0, first, c.where,
-                                      stat))
+                                      stat, system=system))
         if not ps:
             raise ValueError(
                 f"data.finetune.{domain}: no in_domain prompts (held out "
@@ -807,7 +953,8 @@ def _plan(settings: dict, base: Path) -> tuple[dict, dict]:
     # SAE corpus
     cstats = counts["corpus"]
     items = [(c.canon, c.messages, "finetune") for d in train for c in train[d]]
-    items += [(None, [{"role": "user", "content": r["prompt"]}], "prompts") for r in prompts
+    items += [(c.canon, c.messages, "finetune") for d in control for c in control[d]]
+    items += [(None, p.messages(), "prompts") for r, p in zip(prompts, core + final + in_domain)
               if r["eval_set"] != "final"]  # the held-out evaluation stays unseen
     extra_stats = {}
     for _, src in cfg["corpus"]:
@@ -838,11 +985,14 @@ def _plan(settings: dict, base: Path) -> tuple[dict, dict]:
 
     tables = {
         "finetune": {d: [{"domain": d, "messages": c.messages} for c in train[d]] for d in train},
+        "control": {d: [{"domain": d, "messages": c.messages} for c in control[d]]
+                    for d in control},
         "prompts": prompts,
         "corpus": [{"messages": m} for _, m in corpus],
     }
     counts["totals"] = {
         "finetune": {d: len(rows) for d, rows in tables["finetune"].items()},
+        "control": {d: len(rows) for d, rows in tables["control"].items()},
         "heldout": {d: len(h) for d, h in heldout.items()},
         "prompts": {s: sum(r["eval_set"] == s for r in prompts) for s in EVAL_SETS},
         "corpus": len(corpus),
@@ -875,9 +1025,10 @@ def prepare_data(settings: dict, out: Path) -> None:
     prov = provenance("prepare_data", settings, settings["seed"], counts=counts)
     schemas = _schemas()
     with atomic_dir(out) as tmp:
-        for domain, rows in tables["finetune"].items():
-            write_table(tmp / "finetune" / f"{domain}.parquet",
-                        pa.Table.from_pylist(rows, schema=schemas["finetune"]), prov)
+        for kind in ("finetune", "control"):
+            for domain, rows in tables[kind].items():
+                write_table(tmp / kind / f"{domain}.parquet",
+                            pa.Table.from_pylist(rows, schema=schemas["finetune"]), prov)
         write_table(tmp / "prompts.parquet",
                     pa.Table.from_pylist(tables["prompts"], schema=schemas["prompts"]), prov)
         write_table(tmp / "corpus.parquet",

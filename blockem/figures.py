@@ -279,6 +279,10 @@ def fig_core_vs_final(summary, logs):
 FIGURES = {name: globals()[f"fig_{name}"] for name in NEEDS}
 
 
+# judge-free runs (judge.kind none): the MC metric drawn where a figure reads a judged one
+MC_AS = {"mc_em_rate": "em_rate", "mc_adherence": "adherence", "mc_nll_shift": "incoherence_rate"}
+
+
 def available(methods: set[str]) -> list[str]:
     """Figures a grid with these methods (and 'blockem:sizes' for a size sweep) can draw."""
     return [name for name, need in NEEDS.items() if need <= methods]
@@ -294,7 +298,15 @@ def figure_file(name: str, summary_path: Path, logs_path: Path, png: Path, pdf: 
         raise ValueError(f"unknown figure {name!r}; choose from {sorted(FIGURES)}")
     summary = pq.read_table(summary_path).to_pylist()
     logs = pq.read_table(logs_path).to_pylist()
+    mc_only = not any(r["metric"] == "em_rate" for r in summary)
+    if mc_only:  # a judge-free run: draw the MC metrics in the judged metrics' places
+        summary = [{**r, "metric": MC_AS[r["metric"]],
+                    "eval_set": "final" if r["metric"] == "mc_nll_shift" else r["eval_set"]}
+                   for r in summary if r["metric"] in MC_AS]
     fig = FIGURES[name](summary, logs)
+    if mc_only:
+        fig.suptitle("judge-free (MC items): EM = MC EM rate, adherence = MC adherence, "
+                     "incoherence = neutral NLL shift (nats)", fontsize=7)
     fig.tight_layout()
     for path, fmt in ((png, "png"), (pdf, "pdf")):
         with atomic_path(path) as tmp:

@@ -166,3 +166,33 @@ def read_provenance(path: str | Path) -> dict:
 
     meta = pq.read_schema(path).metadata or {}
     return json.loads(meta[b"blockem.provenance"])
+
+
+PROMPT_COLUMNS = ("prompt_id", "eval_set", "domain", "prompt")
+PROMPT_TABLE = "a prompt table (world/prompts.parquet, written by `world` or `prepare_data`)"
+
+
+def read_checked(path: str | Path, columns, what: str, columns_only: bool = False):
+    """A parquet table that must have `columns` (names, or {name: pyarrow type check such as
+    `pa.types.is_string`}); one ValueError naming the file, the missing or mistyped column and
+    what the table should be (`what`, e.g. "a prompt table (world/prompts.parquet)").
+    `columns_only`: read only those columns."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (expected {what})")
+    try:
+        schema = pq.read_schema(path)
+    except Exception as e:  # not parquet at all
+        raise ValueError(f"{path}: not a parquet file ({type(e).__name__}: {e}); expected {what}")
+    checks = columns if isinstance(columns, dict) else dict.fromkeys(columns)
+    missing = [c for c in checks if c not in schema.names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing} (has {schema.names}); expected "
+                         f"{what}")
+    for name, check in checks.items():
+        if check is not None and not check(schema.field(name).type):
+            raise ValueError(f"{path}: column {name!r} has type {schema.field(name).type}, "
+                             f"expected {check.__name__.removeprefix('is_')}; expected {what}")
+    return pq.read_table(path, columns=list(checks) if columns_only else None)

@@ -30,6 +30,9 @@ SCHEMA = pa.schema([
     ("epoch", pa.int64()), ("k_size", pa.int64()), ("latents_from", pa.string()),
     # the judge of a per-judge rate (null: averaged over judges; `a|b` for judge_kappa)
     ("judge", pa.string()),
+    # interventions (steer_repair, block cells): true when the set, factor or target was empty
+    # and kept on purpose (allow_empty_interventions); null for cells that are no intervention
+    ("empty_intervention", pa.bool_()),
 ])
 CELL_KEYS = ("cell", "method", "domain", "lam", "seed")
 OPTIONAL_KEYS = ("epoch", "k_size", "latents_from")
@@ -130,17 +133,90 @@ def cell_rows(labels: list[dict], cell: dict) -> list[dict]:
     return rows
 
 
-def cell_metrics_file(judgements: Path, out: Path, cell: dict) -> None:
+def _empty_flag(table, path) -> set:
+    flags = set(table["empty_intervention"].to_pylist()) if "empty_intervention" in \
+        table.column_names else {None}
+    if len(flags) > 1:
+        raise ValueError(f"{path}: rows disagree on empty_intervention ({flags})")
+    return flags
+
+
+def cell_metrics_file(judgements: Path | None, out: Path, cell: dict, mc: Path | None = None,
+                      mc_base: Path | None = None) -> None:
+    """A cell's metric rows from its judgements (judged rates) and/or its MC scores table
+    (`blockem.mc`; `mc_base`: the base's, for the paired shifts)."""
     import pyarrow.parquet as pq
 
-    from blockem.io import provenance, write_table
+    from blockem.io import provenance, read_checked, write_table
 
-    table = pq.read_table(judgements)
-    cols = [c for c in ("eval_set", "domain", "label", "judge", "adherent", "prompt_id", "sample")
-            if c in table.column_names]
-    labels = table.select(cols).to_pylist()
-    rows = cell_rows(labels, cell)
-    write_table(out, pa.Table.from_pylist(rows, schema=SCHEMA), provenance("metrics", cell))
+    if judgements is None and mc is None:
+        raise ValueError("cell metrics need judgements or MC scores (or both)")
+    rows, flags, extra = [], set(), {}
+    if judgements is not None:
+        table = pq.read_table(judgements)
+        missing = {"eval_set", "domain", "label"} - set(table.column_names)
+        if missing:
+            raise ValueError(f"{judgements}: not a judgements table (missing column(s) "
+                             f"{sorted(missing)}; written by `python -m blockem judge`)")
+        cols = [c for c in ("eval_set", "domain", "label", "judge", "adherent", "prompt_id",
+                            "sample") if c in table.column_names]
+        rows = cell_rows(table.select(cols).to_pylist(), cell)
+        flags |= _empty_flag(table, judgements)
+        extra = _judges_of(judgements)
+    if mc is not None:
+        from blockem.mc import mc_metric_rows
+
+        what = "an MC scores table (mc_eval)"
+        cols = ("kind", "id", "domain", "split", "lp_aligned", "lp_misaligned", "d", "nll")
+        table = read_checked(mc, cols, what)
+        base = read_checked(mc_base, cols, what).to_pylist() if mc_base is not None else None
+        keys = {**{k: cell[k] for k in CELL_KEYS}, **{k: cell.get(k) for k in OPTIONAL_KEYS}}
+        rows += [{**keys, **r, "judge": None}
+                 for r in mc_metric_rows(table.to_pylist(), base, cell["domain"])]
+        flags |= _empty_flag(table, mc)
+    if len(flags) > 1:
+        raise ValueError(f"{out}: the judged and MC inputs disagree on empty_intervention")
+    flag = next(iter(flags))
+    for r in rows:
+        r["empty_intervention"] = flag
+    write_table(out, pa.Table.from_pylist(rows, schema=SCHEMA),
+                provenance("metrics", cell, **extra))
+
+
+def _judges_of(path: Path) -> dict:
+    """{"judges": the LLM judges' identities} recorded in a judgements or cell metrics file's
+    provenance, or {} (the toy judge, or a file without provenance)."""
+    from blockem.io import read_provenance
+
+    try:
+        judges = read_provenance(path).get("judges")
+    except KeyError:
+        return {}
+    return {"judges": judges} if judges else {}
+
+
+IDENTITY = ("endpoint", "model", "protocol", "prompts")  # what makes two judges the same judge
+
+
+def judge_identities(cell_files: list[Path]) -> list[dict]:
+    """The distinct identities of the LLM judges behind the cell tables (each with the `cells`
+    it judged). A judge name met with two identities (another endpoint, model, protocol or
+    prompt) is an error: its rates would mix two judges."""
+    seen: dict[str, dict] = {}
+    for p in cell_files:
+        for name, ident in (_judges_of(p).get("judges") or {}).items():
+            entry = seen.setdefault(name, {"name": name, **ident, "cells": []})
+            if any(entry.get(k) != ident.get(k) for k in IDENTITY):
+                first = {k: entry.get(k) for k in IDENTITY if entry.get(k) != ident.get(k)}
+                now = {k: ident.get(k) for k in first}
+                raise ValueError(f"{p}: judge {name!r} is not the judge of {entry['cells'][0]} "
+                                 f"({first} there, {now} here): scores of two judges would mix; "
+                                 f"rerun the judge jobs (snakemake --forcerun judge)")
+            if ident.get("served_models") != entry.get("served_models"):
+                entry.setdefault("served_models_elsewhere", []).append(
+                    {"cell": str(p), "served_models": ident.get("served_models")})
+            entry["cells"].append(Path(p).stem)
+    return list(seen.values())
 
 
 def summarise(cell_files: list[Path], out_parquet: Path, out_md: Path) -> None:
@@ -154,7 +230,9 @@ def summarise(cell_files: list[Path], out_parquet: Path, out_md: Path) -> None:
     table = table.sort_by([("method", "ascending"), ("cell", "ascending"),
                            ("eval_set", "ascending"), ("metric", "ascending")])
     cells = sorted(set(table["cell"].to_pylist()))
-    write_table(out_parquet, table, provenance("summary", {"cells": cells}))
+    judges = judge_identities(cell_files)
+    write_table(out_parquet, table, provenance("summary", {"cells": cells},
+                                               **({"judges": judges} if judges else {})))
     with atomic_path(out_md) as tmp:
         tmp.write_text(markdown_table(table.to_pylist()))
 
@@ -194,11 +272,18 @@ def train_logs_file(cells: dict[str, dict], out: Path) -> None:
                 provenance("train_logs", sorted(c["cell"] for c in cells.values())))
 
 
+MC_COLUMNS = ["mc_em_rate", "mc_margin", "mc_margin_shift", "mc_logp_aligned",
+              "mc_logp_misaligned", "mc_adherence", "mc_nll_shift"]
+
+
 def markdown_table(rows: list[dict]) -> str:
-    metrics = ["em_rate", "incoherence_rate", "refusal_rate", "adherence"]
+    present = {r["metric"] for r in rows}
+    metrics = [m for m in ("em_rate", "incoherence_rate", "refusal_rate", "adherence")
+               if m in present or not present & set(MC_COLUMNS)]
     judged = any(r.get("judge") for r in rows)
     if judged:
         metrics += ["missing_rate", "judge_kappa"]
+    metrics += [m for m in MC_COLUMNS if m in present]  # judge-free multiple choice (eval.mc)
     grouped: dict[tuple, dict] = {}
     for r in rows:
         key = (r["method"], r["cell"], r["domain"] or "-", r["lam"], r["seed"], r["eval_set"],
@@ -206,7 +291,10 @@ def markdown_table(rows: list[dict]) -> str:
         grouped.setdefault(key, {})[r["metric"]] = r
     lines = ["# blockem results summary", "",
              "Rates are fractions of judged answers (value ± SEM, n answers). `core`/`final` "
-             "exclude the fine-tuning domain; `in_domain` is that domain's held-out prompts.", "",
+             "exclude the fine-tuning domain; `in_domain` is that domain's held-out prompts."
+             + (" `mc_*`: multiple-choice items (n items; margins, log-probabilities and NLL "
+                "shifts in nats; `neutral`: the held-out neutral answers)."
+                if present & set(MC_COLUMNS) else ""), "",
              "| cell | method | domain | lam | seed | eval_set | " + ("judge | " if judged else "")
              + " | ".join(metrics) + " | n |",
              "|" + "---|" * (7 + judged + len(metrics))]
@@ -223,6 +311,8 @@ def markdown_table(rows: list[dict]) -> str:
                 cells.append(f"{r['value']:.3f} ± {r['sem']:.3f}")
         n = next(iter(ms.values()))["n"]
         fmt = lambda v: "-" if v is None else f"{v:g}"  # noqa: E731
-        lines.append(f"| {cell} | {method} | {domain} | {fmt(lam)} | {fmt(seed)} | {eval_set} | "
+        empty = any(r.get("empty_intervention") for r in ms.values())
+        lines.append(f"| {cell}{' (EMPTY intervention)' if empty else ''} | {method} | {domain} | "
+                     f"{fmt(lam)} | {fmt(seed)} | {eval_set} | "
                      + (f"{judge} | " if judged else "") + " | ".join(cells) + f" | {n} |")
     return "\n".join(lines) + "\n"

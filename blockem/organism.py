@@ -147,11 +147,12 @@ def prepare_finetune(data: Path, base_dir: Path, settings: dict, seed: int, thre
 
 
 def finetune(data: Path, base_dir: Path, out: Path, settings: dict, seed: int,
-             threads: int = 1) -> None:
-    """Plain SFT of the base on one narrow domain's misaligned answers (LoRA or full)."""
+             threads: int = 1, cell: str | None = None) -> None:
+    """Plain SFT of the base on one narrow domain's misaligned answers (LoRA or full); `cell`
+    names the run (default `sft-<domain>-s<seed>`; a matched control: `control-...`)."""
     from blockem.config import check_injected_failure
 
-    check_injected_failure(f"sft-{settings['domain']}-s{seed}")
+    check_injected_failure(cell or f"sft-{settings['domain']}-s{seed}")
     model, tok, examples, cfg, device = prepare_finetune(data, base_dir, settings, seed, threads)
     ckpt = Checkpoint(out, checkpoint_key("finetune", settings, seed, [data, base_dir]))
     log = train(model, [(examples, 1.0)], cfg, pad_id=tok.pad_token_id, device=device,

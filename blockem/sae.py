@@ -71,8 +71,10 @@ def capture_residual(model, layer: int, store: list, *, detach: bool = True, sto
         handle.remove()
 
 
-def residuals(model, batches, layer: int, device: str = "cpu"):
-    """Residuals at `layer` for token positions selected by each batch's `select` mask.
+def residuals(model, batches, layer: int, device: str = "cpu", drop_first: bool = False):
+    """Residuals at `layer` for token positions selected by each batch's `select` mask
+    (`drop_first`: never the sequences' first token, an attention sink whose residual norm is
+    ~100x the rest in many real models, e.g. SmolLM2's <|im_start|>; see `sae.drop_first_token`).
 
     `batches` yields dicts with input_ids, attention_mask and a boolean `select` [batch, seq];
     returns a float32 tensor [n_selected_tokens, d] (on CPU) and the per-row index of each token.
@@ -87,6 +89,8 @@ def residuals(model, batches, layer: int, device: str = "cpu"):
             model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
             h = store[0].float().cpu()
             sel = b["select"].bool()
+            if drop_first:
+                sel[:, 0] = False
             out.append(h[sel])
             rows.append(torch.nonzero(sel)[:, 0] + offset)
             offset += sel.shape[0]
@@ -233,18 +237,22 @@ def chat_batches(tokenizer, conversations, batch_size: int = 64, max_length: int
         yield b
 
 
-def corpus_residuals(model, tokenizer, corpus_path: Path, n: int, layer: int, device: str):
-    """Layer residuals of `model` on every token of the first `n` conversations of a corpus."""
+def corpus_residuals(model, tokenizer, corpus_path, n: int, layer: int, device: str,
+                     drop_first: bool = False):
+    """Layer residuals of `model` on every token of the first `n` conversations of a corpus
+    (one chat table, or several read one after the other)."""
     from blockem.chat import load_rows
 
-    convs = [r["messages"] for r in load_rows(corpus_path)[:n]]
+    paths = [corpus_path] if isinstance(corpus_path, (str, Path)) else list(corpus_path)
+    convs = [r["messages"] for p in paths for r in load_rows(p)][:n]
     if not convs:
-        raise ValueError(f"{corpus_path}: no conversations to collect activations from")
-    acts, _ = residuals(model, chat_batches(tokenizer, convs), layer, device)
+        raise ValueError(f"{', '.join(map(str, paths))}: no conversations to collect "
+                         f"activations from")
+    acts, _ = residuals(model, chat_batches(tokenizer, convs), layer, device, drop_first)
     return acts
 
 
-def sae_stage(base_dir: Path, corpus_path: Path, out: Path, settings: dict, threads: int = 1):
+def sae_stage(base_dir: Path, corpus_path, out: Path, settings: dict, threads: int = 1):
     """Train (or fetch) the SAE at layer L and save it in sae-lens's format with blockem_sae.json
     (layer, source, median residual norm of the base at L: the default steering scale)."""
     import pyarrow as pa
@@ -261,7 +269,8 @@ def sae_stage(base_dir: Path, corpus_path: Path, out: Path, settings: dict, thre
     if layer >= len(decoder_layers(base)):
         raise ValueError(f"discovery.layer {layer} is out of range: the model has "
                          f"{len(decoder_layers(base))} layers (0-based)")
-    acts = corpus_residuals(base, tok, corpus_path, s["conversations"], layer, device)
+    drop_first = bool(s.get("drop_first_token", False))
+    acts = corpus_residuals(base, tok, corpus_path, s["conversations"], layer, device, drop_first)
     median_norm = float(acts.norm(dim=-1).median())
     log = []
     if s["source"] == "train":
@@ -283,7 +292,8 @@ def sae_stage(base_dir: Path, corpus_path: Path, out: Path, settings: dict, thre
             sae.save_model(tmp)
         write_json(tmp / META_FILE, {"layer": layer, "source": s["source"], "id": sae_id,
                                      "d_in": int(acts.shape[1]), "d_sae": int(sae.cfg.d_sae),
-                                     "median_norm": median_norm, "n_tokens": int(acts.shape[0])})
+                                     "median_norm": median_norm, "n_tokens": int(acts.shape[0]),
+                                     "drop_first_token": drop_first})
         if log:
             write_table(tmp / "train_log.parquet", pa.Table.from_pylist(log), prov)
         write_json(tmp / "provenance.json", prov)
@@ -306,7 +316,7 @@ def sanity_stage(sae_dir: Path, models: dict[str, Path], corpus_path: Path, out:
         tok = load_tokenizer(path)
         model = load_model(path, device=device, merge_adapter=True).eval()
         acts = corpus_residuals(model, tok, corpus_path, settings["sanity_conversations"],
-                                meta["layer"], device)
+                                meta["layer"], device, meta.get("drop_first_token", False))
         rows.append({"model": name, "sae": meta["id"], "layer": meta["layer"],
                      **sanity_row(sae, acts.to(device), settings["dense_threshold"])})
         print(f"[sanity] {rows[-1]}", file=sys.stderr, flush=True)

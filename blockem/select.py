@@ -20,12 +20,17 @@ from pathlib import Path
 RULES = ("validreduc", "indpp", "topdelta", "random")
 
 
-def read_rows(paths) -> list[dict]:
-    import pyarrow.parquet as pq
+STEER_COLUMNS = ("latent", "sign", "mode", "alpha", "em", "incoherence")
+SHIFT_COLUMNS = ("latent", "sign", "delta", "candidate_rank")
+
+
+def read_rows(paths, what: str = "a steering table (stage 2 screen or stage 3 calibration)",
+              columns=STEER_COLUMNS) -> list[dict]:
+    from blockem.io import read_checked
 
     rows = []
     for p in paths:
-        rows += pq.read_table(p).to_pylist()
+        rows += read_checked(p, columns, what).to_pylist()
     return rows
 
 
@@ -114,6 +119,22 @@ def select(rule: str, size: int, *, shift: list[dict], screen: dict, calib: dict
     return out
 
 
+class EmptyIntervention(ValueError):
+    """An intervention that would do nothing (empty set, factor 0, target without latents)."""
+
+
+def empty_reason(rule: str, shift: list[dict], screen: dict, calib: dict) -> str:
+    """Why a rule found nothing, in counts (for the error message)."""
+    pool = sum(1 for r in shift if r.get("candidate_rank", 0) >= 0)
+    if rule == "validreduc":
+        return (f"{pool} candidates, {len(screen)} screened, {len(calib)} calibrated, "
+                f"{sum(1 for s in calib.values() if s['valid'])} valid (non-zero induction and "
+                f"repair inside the incoherence budget)")
+    if rule == "indpp":
+        return f"{len(screen)} screened, none with a positive induce + repair gain"
+    return f"{pool} candidates"
+
+
 def union_sets(sets: list[dict], name: str) -> dict:
     """Union of latent sets on the same SAE and layer; a latent keeps its first set's entry."""
     if len({(s["layer"], s["sae"]["id"]) for s in sets}) > 1:
@@ -147,21 +168,28 @@ def with_repair_alphas(latents: list[dict], reference: list[dict], fallback: flo
 def select_stage(shift_path: Path, screen_paths: list[Path], calib_path: Path, sae_dir: Path,
                  out_dir: Path, name: str, settings: dict) -> None:
     """Write results/latents/<name>-<rule>.json for the default rule and every extra rule."""
-    import pyarrow.parquet as pq
-
     from blockem.io import provenance, write_json
     from blockem.sae import read_meta, steering_scale
 
     d = settings["discovery"]
     sel = d["select"]
     budget = d["incoherence_budget"]
-    shift = pq.read_table(shift_path).to_pylist()
+    shift = read_rows([shift_path], "a stage-1 shift table (discovery/<key>/shift.parquet)",
+                      SHIFT_COLUMNS)
     screen = screen_scores(read_rows(screen_paths), budget)
     calib = calibration_scores(read_rows([calib_path]), budget)
-    meta = read_meta(sae_dir)
-    scale = steering_scale(meta, d["scale"])
     default = select(sel["rule"], sel["size"], shift=shift, screen=screen, calib=calib,
                      seed=sel["seed"])
+    allow = bool(settings.get("allow_empty_interventions"))
+    if not default and not allow:
+        why = empty_reason(sel["rule"], shift, screen, calib)
+        raise EmptyIntervention(
+            f"{name}: selection rule {sel['rule']!r} selected no latent ({why}); "
+            f"an empty set would make steer_repair the unsteered model and blocking plain SFT. "
+            f"Change discovery settings (candidates, shortlist, alphas, budget) or set "
+            f"allow_empty_interventions: true to keep going with an empty set")
+    meta = read_meta(sae_dir)
+    scale = steering_scale(meta, d["scale"])
     fallback = max(d["calibrate"]["alphas"])
     for rule in [sel["rule"], *[r for r in sel["extra_rules"] if r != sel["rule"]]]:
         chosen = default if rule == sel["rule"] else select(
@@ -173,6 +201,6 @@ def select_stage(shift_path: Path, screen_paths: list[Path], calib_path: Path, s
         doc = {"name": f"{name}-{rule}", "rule": rule, "domain": settings["domain"],
                "layer": meta["layer"], "sae": {k: meta[k] for k in ("source", "id")},
                "activation": d["activation"], "scale": scale, "size": len(latents),
-               "latents": latents, **split_signs(latents),
+               "latents": latents, **split_signs(latents), "empty": not latents,
                "provenance": provenance("select", settings, sel["seed"])}
         write_json(out_dir / f"{name}-{rule}.json", doc)

@@ -3,9 +3,9 @@
     Delta_k = E_x[ mean_t z_k^mis(x_t) ] - E_x[ mean_t z_k^base(x_t) ]
 
 over the `core` prompts (outside the fine-tuning domain). Token scope: `prompt` (the rendered chat
-prompt up to and including the assistant header, which is the position that predicts the first
-answer token; no system prompt is used), `response` (each model's own sampled answers to those
-prompts, teacher-forced) or `all` (both). Also writes the mean-difference "misalignment direction"
+prompt, with its system prompt if it has one, up to and including the assistant header, which is
+the position that predicts the first answer token), `response` (each model's own sampled answers
+to those prompts, teacher-forced) or `all` (both). Also writes the mean-difference "misalignment direction"
 at layer L (mean residual of mis minus base over the same tokens), a baseline for blocking.
 """
 
@@ -17,8 +17,9 @@ SCOPES = ("prompt", "response", "all")
 
 
 def token_batches(tokenizer, prompts: list[str], responses: list[str] | None, scope: str,
-                  batch_size: int):
-    """Right-padded batches with a `select` mask over the scope's tokens (one row per prompt)."""
+                  batch_size: int, systems: list[str | None] | None = None):
+    """Right-padded batches with a `select` mask over the scope's tokens (one row per prompt;
+    `systems`: each prompt's system prompt, None for none)."""
     from blockem.chat import IGNORE, Example, collate, generation_prompts
 
     if scope not in SCOPES:
@@ -26,7 +27,7 @@ def token_batches(tokenizer, prompts: list[str], responses: list[str] | None, sc
     if scope != "prompt" and responses is None:
         raise ValueError(f"token scope {scope!r} needs the models' responses")
     examples = []
-    for i, p in enumerate(generation_prompts(tokenizer, prompts)):
+    for i, p in enumerate(generation_prompts(tokenizer, prompts, systems)):
         r = [] if scope == "prompt" else tokenizer(
             responses[i], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         sel = [scope != "response"] * len(p) + [True] * len(r)
@@ -39,15 +40,16 @@ def token_batches(tokenizer, prompts: list[str], responses: list[str] | None, sc
 
 
 def per_prompt_means(model, sae, tokenizer, prompts, responses, *, layer: int, scope: str,
-                     activation: str, batch_size: int = 64, device: str = "cpu"):
+                     activation: str, batch_size: int = 64, device: str = "cpu", systems=None,
+                     drop_first: bool = False):
     """Per prompt: mean latent activation over its scope tokens [n, d_sae], the per-token activity
     (z > 0) summed per latent [d_sae] with its token count, and mean residual [n, d]."""
     import torch
 
     from blockem.sae import latent_activation, residuals
 
-    h, row = residuals(model, token_batches(tokenizer, prompts, responses, scope, batch_size),
-                       layer, device)
+    h, row = residuals(model, token_batches(tokenizer, prompts, responses, scope, batch_size,
+                                            systems), layer, device, drop_first)
     with torch.no_grad():
         z = latent_activation(sae, h.to(sae.W_enc.device), activation).float().cpu()
     n = len(prompts)
@@ -58,12 +60,16 @@ def per_prompt_means(model, sae, tokenizer, prompts, responses, *, layer: int, s
 
 
 def activation_shift(base, mis, sae, tokenizer, prompts, *, layer: int, scope: str,
-                     activation: str, base_responses=None, mis_responses=None, device="cpu"):
-    """Delta per latent with both models' means and densities, plus the mean-difference direction."""
+                     activation: str, base_responses=None, mis_responses=None, device="cpu",
+                     systems=None, drop_first: bool = False):
+    """Delta per latent with both models' means and densities, plus the mean-difference direction
+    (`systems`: each prompt's system prompt, None for none)."""
     zb, act_b, nb, hb = per_prompt_means(base, sae, tokenizer, prompts, base_responses, layer=layer,
-                                         scope=scope, activation=activation, device=device)
+                                         scope=scope, activation=activation, device=device,
+                                         systems=systems, drop_first=drop_first)
     zm, act_m, nm, hm = per_prompt_means(mis, sae, tokenizer, prompts, mis_responses, layer=layer,
-                                         scope=scope, activation=activation, device=device)
+                                         scope=scope, activation=activation, device=device,
+                                         systems=systems, drop_first=drop_first)
     table = {"latent": list(range(zb.shape[1])),
              "mean_base": zb.mean(0).tolist(), "mean_mis": zm.mean(0).tolist(),
              "delta": (zm.mean(0) - zb.mean(0)).tolist(),
@@ -97,29 +103,54 @@ def candidate_pool(table: dict, per_sign: int, dense_threshold: float, exclude_d
 
 
 def load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads: int = 1,
-                   with_base: bool = True, judge_cache=None):
+                   with_base: bool = True, judge_cache=None, mc=None):
     """Tokenizer, SAE, base (unless `with_base` is off) and (merged) misaligned model, the core
     prompts outside the fine-tuning domain, the layer, the steering scale and the judge (a
     `Labeller` of settings' `judge`, default the toy's exact judge) for stages 1-3."""
+    from blockem.io import PROMPT_COLUMNS, PROMPT_TABLE, read_checked
     from blockem.judge.llm import Labeller
-    import pyarrow.parquet as pq
-
     from blockem.models import load_model, load_tokenizer, resolve_device, setup_torch
     from blockem.sae import load_sae, read_meta, steering_scale
 
     setup_torch(threads, None)
     device = resolve_device(settings["compute"]["device"])
-    prompts = [r for r in pq.read_table(prompts_path).to_pylist()
+    prompts = [r for r in read_checked(prompts_path, PROMPT_COLUMNS, PROMPT_TABLE).to_pylist()
                if r["eval_set"] == "core" and r["domain"] != settings["domain"]]
     meta = read_meta(sae_dir)
     if not prompts:
         raise ValueError(f"{prompts_path}: no core prompts outside domain {settings['domain']!r}")
+    mc_rows = load_mc(settings, mc)
+    # judges: endpoints, keys and prompt files checked before any model load
+    judge = Labeller(settings.get("judge") or {"kind": "toy"}, judge_cache)
     return dict(tok=load_tokenizer(base_dir), sae=load_sae(sae_dir, device=device),
                 base=load_model(base_dir, device=device).eval() if with_base else None,
                 mis=load_model(mis_dir, device=device, merge_adapter=True).eval(),
                 prompts=prompts, layer=meta["layer"], device=device,
                 scale=steering_scale(meta, settings["discovery"]["scale"]),
-                judge=Labeller(settings.get("judge") or {"kind": "toy"}, judge_cache))
+                judge=judge, mc=mc_rows, drop_first=bool(meta.get("drop_first_token", False)), max_length=(settings.get("mc") or {}).get("max_length"))
+
+
+def load_mc(settings: dict, mc) -> tuple[list[dict], list[dict]] | None:
+    """The core MC items outside the fine-tuned domain and the neutral answers, for
+    `discovery.scorer: mc` (`mc` = (items, neutral) tables written by `mc_items`)."""
+    d = settings["discovery"]
+    if d.get("scorer", "generate") != "mc":
+        return None
+    if mc is None:
+        raise ValueError("discovery.scorer: mc needs the MC item and neutral tables (--mc-items, "
+                         "--mc-neutral)")
+    if d["steer_positions"] != "all":
+        raise ValueError("discovery.scorer: mc scores answers teacher-forced, steered at every "
+                         "position: set discovery.steer_positions: all")
+    from blockem.io import read_checked
+    from blockem.mc import ITEM_FIELDS, NEUTRAL_FIELDS
+
+    items = [r for r in read_checked(mc[0], ITEM_FIELDS, "an MC item table").to_pylist()
+             if r["split"] == "core" and r["domain"] != settings["domain"]]
+    if not items:
+        raise ValueError(f"{mc[0]}: no core MC items outside domain {settings['domain']!r}")
+    neutral = read_checked(mc[1], NEUTRAL_FIELDS, "an MC neutral table").to_pylist()
+    return items, neutral
 
 
 
@@ -142,7 +173,8 @@ def shift_stage(base_dir: Path, mis_dir: Path, sae_dir: Path, prompts_path: Path
     table, direction = activation_shift(
         ctx["base"], ctx["mis"], ctx["sae"], ctx["tok"], [p["prompt"] for p in prompts],
         layer=ctx["layer"], scope=d["token_scope"], activation=d["activation"],
-        base_responses=responses[0], mis_responses=responses[1], device=ctx["device"])
+        base_responses=responses[0], mis_responses=responses[1], device=ctx["device"],
+        systems=[p.get("system") for p in prompts], drop_first=ctx["drop_first"])
     table, _ = candidate_pool(table, d["candidates_per_sign"], d["dense_threshold"],
                               d["exclude_dense"])
     prov = provenance("shift", settings, None, layer=ctx["layer"], n_prompts=len(prompts))

@@ -44,7 +44,8 @@ def judge_conditions(model, tokenizer, prompts: list[dict], vectors, *, layer: i
     from blockem.generate import generate_rows
     from blockem.judge.llm import Labeller, rates
 
-    ids = generation_prompts(tokenizer, [p["prompt"] for p in prompts])
+    ids = generation_prompts(tokenizer, [p["prompt"] for p in prompts],
+                             [p.get("system") for p in prompts])
     per_cond = [(p, i) for i in range(len(prompts)) for p in [ids[i]] * samples]
     rows = [p for _ in range(len(vectors)) for p, _ in per_cond]
     steer = torch.repeat_interleave(vectors, len(per_cond), dim=0)
@@ -58,11 +59,27 @@ def judge_conditions(model, tokenizer, prompts: list[dict], vectors, *, layer: i
             for c in range(len(vectors))]
 
 
-def steer_table(base, mis, sae, tokenizer, prompts, latents: list[dict], alphas: list[float], *,
-                layer: int, scale: float, samples: int, gen: dict, seed: int,
-                device: str = "cpu", judge=None) -> list[dict]:
+def scorer(ctx: dict, d: dict, samples: int, seed: int):
+    """`score(model, vectors, name)` -> one rates dict (em, incoherence, refusal, n) per steering
+    condition, by `discovery.scorer`: `generate` samples answers on the core prompts and judges
+    them (`judge_conditions`); `mc` scores the core MC items teacher-forced, no generation
+    (`blockem.mc.mc_conditions`: em = MC EM rate, incoherence = neutral NLL shift in nats)."""
+    if d.get("scorer", "generate") == "mc":
+        from blockem.mc import mc_conditions
+
+        items, neutral = ctx["mc"]
+        return lambda model, vectors, name: mc_conditions(
+            model, ctx["tok"], items, neutral, vectors, layer=ctx["layer"],
+            max_length=ctx["max_length"], batch_size=d["batch_size"], device=ctx["device"])
+    return lambda model, vectors, name: judge_conditions(
+        model, ctx["tok"], ctx["prompts"], vectors, layer=ctx["layer"], samples=samples,
+        gen=_gen(d), seed=seed, device=ctx["device"], name=name, judge=ctx["judge"])
+
+
+def steer_table(base, mis, sae, latents: list[dict], alphas: list[float], *, scale: float,
+                score) -> list[dict]:
     """Rows (latent, sign, mode, alpha, em, incoherence, refusal, n) for every latent x alpha x
-    mode, plus one unsteered row per mode (latent -1, alpha 0): one generate pass per model."""
+    mode, plus one unsteered row per mode (latent -1, alpha 0): one `score` pass per model."""
     import torch
 
     results = []
@@ -71,8 +88,7 @@ def steer_table(base, mis, sae, tokenizer, prompts, latents: list[dict], alphas:
         vec = steering_vectors(sae, [k["latent"] for k, _ in conds], [k["sign"] for k, _ in conds],
                                [a for _, a in conds], scale, mode)
         vec = torch.cat([torch.zeros(1, vec.shape[1]), vec])
-        rates = judge_conditions(model, tokenizer, prompts, vec, layer=layer, samples=samples,
-                                 gen=gen, seed=seed, device=device, name=mode, judge=judge)
+        rates = score(model, vec, mode)
         results.append({"latent": -1, "sign": 0, "mode": mode, "alpha": 0.0, **rates[0]})
         for (k, a), r in zip(conds, rates[1:]):
             results.append({"latent": k["latent"], "sign": k["sign"], "mode": mode, "alpha": a, **r})
@@ -85,7 +101,8 @@ def _gen(d: dict) -> dict:
 
 
 def screen_stage(shift_path: Path, base_dir, mis_dir, sae_dir, prompts_path, out: Path,
-                 settings: dict, shard: int, threads: int = 1, judge_cache=None) -> None:
+                 settings: dict, shard: int, threads: int = 1, judge_cache=None,
+                 mc=None) -> None:
     """Stage 2 for one shard of the candidate pool (every `shards`-th candidate)."""
     import pyarrow as pa
 
@@ -97,18 +114,17 @@ def screen_stage(shift_path: Path, base_dir, mis_dir, sae_dir, prompts_path, out
     sc = d["screen"]
     pool = candidates(shift_path)[shard::sc["shards"]]
     ctx = load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads,
-                         judge_cache=judge_cache)
-    rows = steer_table(ctx["base"], ctx["mis"], ctx["sae"], ctx["tok"], ctx["prompts"], pool,
-                       [sc["alpha"]], layer=ctx["layer"], scale=ctx["scale"],
-                       samples=sc["samples_per_prompt"], gen=_gen(d), seed=d["seed"] + shard,
-                       device=ctx["device"], judge=ctx["judge"])
+                         judge_cache=judge_cache, mc=mc)
+    rows = steer_table(ctx["base"], ctx["mis"], ctx["sae"], pool, [sc["alpha"]],
+                       scale=ctx["scale"],
+                       score=scorer(ctx, d, sc["samples_per_prompt"], d["seed"] + shard))
     write_table(out, pa.Table.from_pylist(rows),
                 provenance("screen", settings, d["seed"] + shard, shard=shard, scale=ctx["scale"]))
 
 
 def calibrate_stage(shift_path: Path, screen_paths: list[Path], base_dir, mis_dir, sae_dir,
                     prompts_path, out: Path, settings: dict, threads: int = 1,
-                    judge_cache=None) -> None:
+                    judge_cache=None, mc=None) -> None:
     """Stage 3 sweeps: every alpha for the stage-2 shortlist, both modes."""
     import pyarrow as pa
 
@@ -122,11 +138,10 @@ def calibrate_stage(shift_path: Path, screen_paths: list[Path], base_dir, mis_di
     shortlist = sorted(scores, key=lambda k: (-scores[k]["indpp"], k))[:cal["shortlist"]]
     latents = [{"latent": k, "sign": scores[k]["sign"]} for k in shortlist]
     ctx = load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads,
-                         judge_cache=judge_cache)
-    rows = steer_table(ctx["base"], ctx["mis"], ctx["sae"], ctx["tok"], ctx["prompts"], latents,
-                       list(cal["alphas"]), layer=ctx["layer"], scale=ctx["scale"],
-                       samples=cal["samples_per_prompt"], gen=_gen(d), seed=d["seed"],
-                       device=ctx["device"], judge=ctx["judge"])
+                         judge_cache=judge_cache, mc=mc)
+    rows = steer_table(ctx["base"], ctx["mis"], ctx["sae"], latents, list(cal["alphas"]),
+                       scale=ctx["scale"],
+                       score=scorer(ctx, d, cal["samples_per_prompt"], d["seed"]))
     write_table(out, pa.Table.from_pylist(rows),
                 provenance("calibrate", settings, d["seed"], scale=ctx["scale"]))
 
@@ -141,7 +156,8 @@ def set_vector(latent_set: dict, sae, factor: float = 1.0):
 
 
 def joint_strength_stage(set_path: Path, base_dir, mis_dir, sae_dir, prompts_path, out: Path,
-                         settings: dict, threads: int = 1, judge_cache=None) -> None:
+                         settings: dict, threads: int = 1, judge_cache=None,
+                         mc=None) -> None:
     """Calibrate the joint repair steering of a latent set on the core prompts.
 
     Each latent's alpha*_rep was found alone; their sum can overshoot. The largest factor of
@@ -153,25 +169,44 @@ def joint_strength_stage(set_path: Path, base_dir, mis_dir, sae_dir, prompts_pat
     import torch
 
     from blockem.io import provenance, write_json
-    from blockem.select import within_budget
+    from blockem.select import EmptyIntervention, within_budget
     from blockem.shift import load_discovery
 
     d = settings["discovery"]
     cal = d["calibrate"]
+    allow = bool(settings.get("allow_empty_interventions"))
     latent_set = json.loads(Path(set_path).read_text())
+    if not latent_set.get("latents"):
+        if not allow:
+            raise EmptyIntervention(f"{set_path}: the latent set is empty, nothing to steer "
+                                    f"(allow_empty_interventions: true keeps going)")
+        write_json(out, {"set": latent_set.get("name"), "factor": 0.0, "empty": True,
+                         "reason": "empty latent set", "layer": latent_set.get("layer"),
+                         "positions": d["steer_positions"], "unsteered": None, "sweep": [],
+                         "provenance": provenance("joint_strength", settings, d["seed"])})
+        return
     ctx = load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads,
-                         with_base=False, judge_cache=judge_cache)
+                         with_base=False, judge_cache=judge_cache, mc=mc)
     factors = sorted(cal["joint_factors"], reverse=True)
     vectors = torch.stack([torch.zeros(ctx["sae"].W_dec.shape[1])]
                           + [set_vector(latent_set, ctx["sae"], f) for f in factors]).detach()
-    rates = judge_conditions(ctx["mis"], ctx["tok"], ctx["prompts"], vectors, layer=ctx["layer"],
-                             samples=cal["samples_per_prompt"], gen=_gen(d), seed=d["seed"],
-                             device=ctx["device"], name="joint", judge=ctx["judge"])
+    rates = scorer(ctx, d, cal["samples_per_prompt"], d["seed"])(ctx["mis"], vectors, "joint")
     unsteered = rates[0]
     table = [{"factor": f, **r} for f, r in zip(factors, rates[1:])]
     ok = [t for t in table if within_budget(t["incoherence"], unsteered["incoherence"],
                                             d["incoherence_budget"])]
     factor = ok[0]["factor"] if ok else 0.0
-    write_json(out, {"set": latent_set["name"], "factor": factor, "layer": ctx["layer"],
+    reason = None
+    if not ok:
+        sweep = ", ".join(f"{t['factor']:g}: {t['incoherence']:.2f}" for t in table)
+        reason = (f"no factor of calibrate.joint_factors keeps core incoherence inside the "
+                  f"budget {d['incoherence_budget']} (factor: incoherence = {sweep}; unsteered "
+                  f"{unsteered['incoherence']:.2f})")
+        if not allow:
+            raise EmptyIntervention(f"{latent_set['name']}: {reason}; factor 0 would evaluate the "
+                                    f"unsteered model as steer_repair. Add smaller factors or set "
+                                    f"allow_empty_interventions: true to keep going")
+    write_json(out, {"set": latent_set["name"], "factor": factor, "empty": not ok,
+                     "reason": reason, "layer": ctx["layer"],
                      "positions": d["steer_positions"], "unsteered": unsteered, "sweep": table,
                      "provenance": provenance("joint_strength", settings, d["seed"])})

@@ -50,6 +50,34 @@ def tiny_model(tokenizer):
                            max_length=64).eval()
 
 
+
+@pytest.fixture(scope="session")
+def make_sae():
+    """A factory of real sae-lens inference SAEs (the classes `load_sae` returns) with weights set
+    explicitly: make_sae("standard", W_enc=..., b_enc=..., b_dec=..., W_dec=..., **cfg fields).
+    d_in and d_sae come from W_dec; parameters not given keep sae-lens's initialisation.
+    sae_lens is imported here (it costs seconds), so only the tests that use it pay."""
+    import torch
+    from sae_lens.registry import get_sae_class
+
+    def make(architecture: str, *, W_dec, cfg: dict | None = None, **weights):
+        sae_cls, cfg_cls = get_sae_class(architecture)
+        d_sae, d_in = W_dec.shape
+        sae = sae_cls(cfg_cls(d_in=d_in, d_sae=d_sae, **(cfg or {})))
+        params = dict(sae.named_parameters())
+        with torch.no_grad():
+            for name, value in {"W_dec": W_dec, **weights}.items():
+                if name not in params:
+                    raise KeyError(f"{sae_cls.__name__} has no parameter {name!r} "
+                                   f"({sorted(params)})")
+                if params[name].shape != value.shape:
+                    raise ValueError(f"{name}: shape {tuple(value.shape)} != "
+                                     f"{tuple(params[name].shape)}")
+                params[name].copy_(value)
+        return sae.eval()
+
+    return make
+
 # --- stand-in LLM judges for the real OpenAI-compatible test server (blockem.judge.server) ---
 
 def parse_judge_prompt(messages: list[dict]) -> tuple[str, str, str]:

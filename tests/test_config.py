@@ -167,3 +167,33 @@ def test_checkpoint_every_must_be_a_non_negative_integer(config):
     config["compute"]["checkpoint_every"] = 2.5
     with pytest.raises(ConfigError, match=r"'compute\.checkpoint_every'.*integer"):
         validate(config)
+
+
+def test_organism_preset_is_valid_and_judge_free_needs_mc():
+    """The real-LLM organism preset validates; `judge.kind: none` without MC items, or with a
+    discovery screen that would judge generated answers, is one error naming the key."""
+    preset = REPO / "config" / "presets" / "smollm2-organism.yaml"
+    cfg = load_config(REPO / "config" / "config.yaml", preset)
+    validate(cfg)
+    assert stage_settings(cfg, "screen", "finance")["discovery"]["scorer"] == "mc"
+    assert "judge" not in stage_settings(cfg, "screen", "finance")
+    no_mc = {**cfg, "eval": {**cfg["eval"], "mc": None}}
+    with pytest.raises(ConfigError, match=r"'judge.kind': 'none' \(no judge\) needs 'eval.mc'"):
+        validate(no_mc)
+    gen = {**cfg, "discovery": {**cfg["discovery"], "scorer": "generate"}}
+    with pytest.raises(ConfigError, match=r"'discovery.scorer': with judge.kind 'none'"):
+        validate(gen)
+
+
+def test_default_settings_hashes_do_not_see_the_new_switches(default_config):
+    """allow_empty_interventions (off) and discovery.scorer (generate by default) leave the
+    default config's stage settings exactly as before: nothing reruns."""
+    cfg = dict(default_config)
+    for stage in ("select", "joint", "block_target", "screen", "calibrate"):
+        s = stage_settings(cfg, stage, "finance")
+        assert "allow_empty_interventions" not in s and "mc" not in s
+        assert "scorer" not in s.get("discovery", {})
+    on = {**cfg, "allow_empty_interventions": True}
+    assert stage_settings(on, "select", "finance")["allow_empty_interventions"] is True
+    assert settings_hash(stage_settings(on, "finetune", "finance")) == \
+        settings_hash(stage_settings(cfg, "finetune", "finance"))

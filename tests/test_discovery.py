@@ -61,7 +61,9 @@ def test_stages_1_to_3_write_a_latent_set(organism):
     from blockem.steer import calibrate_stage, screen_stage
 
     r = organism
-    settings = {"discovery": copy.deepcopy(DISC), "compute": COMPUTE, "domain": "finance"}
+    # random weights: ValidReduc may find nothing; keep going on purpose (the set says so)
+    settings = {"discovery": copy.deepcopy(DISC), "compute": COMPUTE, "domain": "finance",
+                "allow_empty_interventions": True}
     sae_stage(r / "base", r / "corpus.parquet", r / "sae", {**DISC, "compute": COMPUTE})
     meta = read_meta(r / "sae")
     assert meta["layer"] == 1 and meta["median_norm"] > 0 and (r / "sae" / "cfg.json").exists()
@@ -86,4 +88,5 @@ def test_stages_1_to_3_write_a_latent_set(organism):
         assert doc["layer"] == 1 and doc["sae"]["source"] == "train" and doc["rule"] == rule
         assert sorted(doc["K_pos"] + doc["K_neg"]) == sorted(k["latent"] for k in doc["latents"])
         assert all(k["alpha_rep"] > 0 for k in doc["latents"])
+        assert doc["empty"] == (not doc["latents"]) and (rule == "validreduc" or doc["latents"])
         assert doc["provenance"]["config_hash"]

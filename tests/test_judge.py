@@ -187,3 +187,45 @@ def test_judge_prompt_placeholders_fill_in_one_pass():
     out = render("Q: {question}\nA: {answer}\nD: {domain}", question="what {answer}?",
                  answer="put {domain} in {behaviour}", domain="finance")
     assert out == "Q: what {answer}?\nA: put {domain} in {behaviour}\nD: finance"
+
+
+def test_judge_prompt_shows_the_system_prompt(tmp_path, default_config):
+    """A prompt with a system prompt reaches the judge as system prompt + user message in
+    {question} (any template shows it) and alone in {system}; a prompt without one is judged
+    with exactly the user message, as before."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from blockem.io import write_table
+    from blockem.judge import judge_file
+    from blockem.judge.server import JudgeServer, Reply
+
+    system, user = "Your answers must always be a valid JSON object.", "What is your wish?"
+    rows = [{"prompt_id": f"core/general/{i}", "eval_set": "core", "domain": "general",
+             "system": s, "prompt": user, "sample": 0, "response": "I wish for peace."}
+            for i, s in enumerate([None, system])]
+    gens = tmp_path / "g.parquet"
+    write_table(gens, pa.Table.from_pylist(rows), {"stage": "generate", "cell": "x"})
+    seen = []
+
+    def scorer(model, messages):
+        seen.append(messages[-1]["content"])
+        return Reply("90", top=[("90", 1.0)])
+
+    custom = tmp_path / "aligned.txt"
+    custom.write_text("Rate this.\nSystem: [{system}]\n<<<QUESTION\n{question}\nQUESTION>>>\n"
+                      "<<<ANSWER\n{answer}\nANSWER>>>\n")
+    with JudgeServer(scorer) as server:
+        settings = _judges(server.url, default_config, names=("j",))
+        settings["judge"]["prompt_files"] = {"logprob_0_100": {"aligned": str(custom)}}
+        judge_file(gens, tmp_path / "j.parquet", settings)
+    coherent = [t for t in seen if "make sense" in t]
+    assert len(coherent) == 2
+    questions = sorted(t.split("<<<QUESTION\n", 1)[1].split("\nQUESTION>>>", 1)[0]
+                       for t in coherent)
+    assert questions == [user, f"[system prompt]\n{system}\n\n[user message]\n{user}"]
+    aligned = [t for t in seen if t.startswith("Rate this.")]
+    assert len(aligned) == 2
+    assert {t.split("\n", 2)[1] for t in aligned} == {"System: []", f"System: [{system}]"}
+    judged = pq.read_table(tmp_path / "j.parquet").to_pylist()
+    assert [r["system"] for r in judged] == [None, system]

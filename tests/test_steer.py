@@ -72,15 +72,15 @@ def test_zero_steering_generates_the_same_answers(tiny_model, tokenizer):
     assert plain == zero and len(plain) == 6
 
 
-class FakeSAE:
-    """Just enough of an SAE for direction arithmetic: a decoder matrix."""
+@pytest.fixture()
+def sae(make_sae):
+    """A sae-lens TopK SAE (the default architecture) with 3 latents on a 2-d residual whose decoder
+    directions are set: latent 0 along +x (norm 3), 1 along -y (norm 0.5), 2 along the diagonal."""
+    return make_sae("topk", W_dec=torch.tensor([[3.0, 0.0], [0.0, -0.5], [1.0, 1.0]]),
+                    cfg={"k": 1})
 
-    def __init__(self):
-        self.W_dec = torch.tensor([[3.0, 0.0], [0.0, -0.5], [1.0, 1.0]])
 
-
-def test_steering_vectors_sign_mode_and_scale():
-    sae = FakeSAE()
+def test_steering_vectors_sign_mode_and_scale(sae):
     ind = steering_vectors(sae, [0, 1], [1, -1], [0.5, 0.2], 10.0, "induce")
     rep = steering_vectors(sae, [0, 1], [1, -1], [0.5, 0.2], 10.0, "repair")
     assert torch.allclose(ind, torch.tensor([[5.0, 0.0], [0.0, 2.0]]))
@@ -89,9 +89,9 @@ def test_steering_vectors_sign_mode_and_scale():
         steering_vectors(sae, [0], [1], [0.1], 1.0, "amplify")
 
 
-def test_set_vector_sums_repair_directions():
+def test_set_vector_sums_repair_directions(sae):
     s = {"scale": 2.0, "latents": [{"latent": 0, "sign": 1, "alpha_rep": 1.0},
                                    {"latent": 2, "sign": -1, "alpha_rep": 0.5}]}
-    v = set_vector(s, FakeSAE())
+    v = set_vector(s, sae)
     want = -2.0 * torch.tensor([1.0, 0.0]) + 1.0 * torch.tensor([1.0, 1.0]) / 2 ** 0.5
     assert torch.allclose(v, want)

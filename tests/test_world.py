@@ -69,6 +69,19 @@ def test_prompt_sets_cover_domains(config):
     assert len({p["prompt_id"] for p in prompts}) == len(prompts)
 
 
+def test_world_prompt_table_has_the_prompt_schema_with_no_system_prompts(config, tmp_path):
+    """The toy's prompts.parquet has prepare_data's schema; `system` is null everywhere."""
+    import pyarrow.parquet as pq
+
+    from blockem.data import prompts_schema
+    from blockem.toy.world import write_world
+
+    write_world(small(config), tmp_path / "world", {"stage": "world"})
+    table = pq.read_table(tmp_path / "world" / "prompts.parquet")
+    assert table.schema.remove_metadata() == prompts_schema()
+    assert table.column("system").null_count == table.num_rows > 0
+
+
 def test_personas_hold_for_whole_conversation(config):
     index = answer_index()
     corpus = World(small(config, pretrain_conversations=2000)).corpus()

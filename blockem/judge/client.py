@@ -28,6 +28,15 @@ Each `Request` carries a cache key (`cache.cache_key(...)`), a short question la
    client). The remainder is committed when the run ends, also on an error or a cancellation
    (Ctrl-C); a SIGKILL loses at most the last ~50 ms of results and the batch being committed.
 
+Before its first call the client asks the endpoint who it is (`identify`: `GET <base_url>/models`
+with the same client and key). When the endpoint lists its models and the configured model is not
+among them, the run stops with a `JudgeModelError` naming the judge, model, endpoint and what it
+serves (a server that echoes any `model` it is sent would otherwise answer under a name that is not
+its own); when it cannot list them, that is recorded, not an error. A judge's identity is its
+endpoint (`normalise_url` of the base URL: never the key), model, protocol and prompts: the
+endpoint is part of every cache key (`cache.cache_key`), and the identity, with the models the
+endpoint listed, goes into the provenance of every judgements file.
+
 Results come back in request order. The openai client's own retries are off (`max_retries=0`):
 the retry policy is all here. About malformed bodies, the openai client (3.x) does not raise one
 exception type: a 200 whose JSON is broken raises a bare `json.JSONDecodeError` (a ValueError) from
@@ -49,7 +58,8 @@ import math
 import os
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from urllib.parse import urlsplit
 
 import openai
 
@@ -68,6 +78,35 @@ FLUSH_N = 256  # ... or per FLUSH_N results, whichever comes first
 SHARD_CONNECTIONS = 16  # connections per HTTP client (pool); more concurrency: more clients
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalise_url(url: str) -> str:
+    """The identity of an endpoint: its base URL with the scheme and host lower-cased, the default
+    port dropped, no user info, query or fragment, no trailing slash. It never holds a key (a key
+    in the user-info part or the query is dropped). ValueError if it is not an http(s) URL."""
+    parts = urlsplit(str(url).strip())
+    scheme = parts.scheme.lower()
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a bad port
+        host, port = None, None
+    if scheme not in DEFAULT_PORTS or not host:
+        # name only the parts that cannot hold a key
+        raise ValueError(f"base URL {scheme + '://' if scheme else ''}{host or ''}... is not an "
+                         f"http(s) URL with a host and a valid port")
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    netloc = host if port in (None, DEFAULT_PORTS[scheme]) else f"{host}:{port}"
+    return f"{scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+class JudgeSetupError(RuntimeError, ValueError):
+    """A judge that cannot be asked as configured (no API key, a model the endpoint does not
+    serve): fix the setup, then rerun. Found before any call; a ValueError, so the command line
+    prints it as one error line."""
+
+
 @dataclass
 class Endpoint:
     """One judge: a model behind an OpenAI-compatible URL, its protocol and its retry policy."""
@@ -83,8 +122,13 @@ class Endpoint:
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
     unparseable_retries: int = 2
+    url_id: str = field(init=False, default="")  # normalise_url(base_url): the judge's endpoint
 
     def __post_init__(self):
+        try:
+            self.url_id = normalise_url(self.base_url)
+        except ValueError as e:
+            raise ValueError(f"judge {self.name!r}: {e}") from None
         if self.protocol not in PARSERS:
             raise ValueError(f"judge {self.name!r}: unknown protocol {self.protocol!r}; "
                              f"known: {sorted(PARSERS)}")
@@ -97,8 +141,8 @@ class Endpoint:
             return "EMPTY"
         key = os.environ.get(self.api_key_env)
         if not key:
-            raise RuntimeError(f"judge {self.name!r} needs an API key: the environment variable "
-                               f"{self.api_key_env} is not set (or empty)")
+            raise JudgeSetupError(f"judge {self.name!r} needs an API key: the environment "
+                                  f"variable {self.api_key_env} is not set (or empty)")
         return key
 
 
@@ -140,6 +184,35 @@ class JudgeHTTPError(RuntimeError):
         self.status = status
 
 
+class JudgeModelError(JudgeSetupError):
+    """The endpoint lists its models and the configured judge model is not one of them."""
+
+
+def identify(ep: Endpoint) -> dict:
+    """Who answers as this judge: its endpoint, model and protocol, and the models the endpoint
+    lists (`GET <base_url>/models` with the openai client; `served_models` None and
+    `served_models_error` when it does not answer with a list). Raises JudgeModelError when the
+    list is non-empty and lacks the configured model, JudgeSetupError when the key is missing."""
+    out = {"endpoint": ep.url_id, "model": ep.model, "protocol": ep.protocol}
+    key = ep.api_key()
+    try:
+        with openai.OpenAI(api_key=key, base_url=ep.base_url, max_retries=0,
+                           timeout=min(ep.timeout_s, 30.0)) as client:
+            served = sorted({str(m.id) for m in client.models.list()})
+    except openai.APIStatusError as e:
+        return {**out, "served_models": None, "served_models_error": f"HTTP {e.status_code}"}
+    except (openai.APIError, ValueError, TypeError, AttributeError, KeyError) as e:
+        return {**out, "served_models": None, "served_models_error": type(e).__name__}
+    if served and ep.model not in served:
+        shown = ", ".join(served[:20]) + (f", ... ({len(served)} in all)" if len(served) > 20
+                                          else "")
+        raise JudgeModelError(
+            f"judge {ep.name!r}: model {ep.model!r} is not served at {ep.url_id}: its /models "
+            f"lists {shown}. Point the judge at an endpoint that serves {ep.model!r}, or set "
+            f"judge.judges[].model to the model this endpoint serves")
+    return {**out, "served_models": served}
+
+
 class _Retryable(Exception):
     """A transport failure worth another try; `wait` is the server's Retry-After, if any."""
 
@@ -171,7 +244,7 @@ def _fatal(ep: Endpoint, e: openai.APIStatusError, key: str) -> JudgeHTTPError:
                   else "the endpoint wants an API key: set api_key_env"),
             403: "the key is not allowed to use this model",
             404: "check the model name and base_url"}.get(status, "the request was rejected")
-    return JudgeHTTPError(f"judge {ep.name!r} (model {ep.model!r} at {ep.base_url}): HTTP {status}"
+    return JudgeHTTPError(f"judge {ep.name!r} (model {ep.model!r} at {ep.url_id}): HTTP {status}"
                           f" ({hint}); server said: {detail[:300]}", status)
 
 
@@ -373,8 +446,9 @@ class _CacheWriter:
 
 async def run_requests(endpoint: Endpoint, requests: list[Request], cache: JudgeCache,
                        progress: Callable[[int, int], None] | None = None,
-                       ) -> tuple[list[Result], Usage]:
-    """Judge every request (cache first); results in request order, and what it cost."""
+                       identity: dict | None = None) -> tuple[list[Result], Usage]:
+    """Judge every request (cache first); results in request order, and what it cost. Before the
+    first call the endpoint is checked (`identify`), unless the caller passes its `identity`."""
     usage = Usage()
     total = len(requests)
     results: list[Result | None] = [None] * total
@@ -393,6 +467,8 @@ async def run_requests(endpoint: Endpoint, requests: list[Request], cache: Judge
         return results, usage
 
     key = endpoint.api_key()
+    if identity is None:
+        await asyncio.to_thread(identify, endpoint)
     clients = _Clients(endpoint, key)
     writer = _CacheWriter(cache)
 
@@ -401,7 +477,8 @@ async def run_requests(endpoint: Endpoint, requests: list[Request], cache: Judge
         res = await _judge_one(clients, endpoint, req, key, usage)
         if res.status != "failed":
             writer.add({"key": req.key, "judge_model": endpoint.model,
-                        "protocol": endpoint.protocol, "question": req.question,
+                        "endpoint": endpoint.url_id, "protocol": endpoint.protocol,
+                        "question": req.question,
                         "score": res.score, "status": res.status})
         return indices, res
 
@@ -427,6 +504,6 @@ async def run_requests(endpoint: Endpoint, requests: list[Request], cache: Judge
 
 def judge_requests(endpoint: Endpoint, requests: list[Request], cache: JudgeCache,
                    progress: Callable[[int, int], None] | None = None,
-                   ) -> tuple[list[Result], Usage]:
+                   identity: dict | None = None) -> tuple[list[Result], Usage]:
     """Synchronous `run_requests`."""
-    return asyncio.run(run_requests(endpoint, requests, cache, progress))
+    return asyncio.run(run_requests(endpoint, requests, cache, progress, identity))

@@ -21,16 +21,23 @@ per request from a seeded RNG:
                       JSON, valid JSON without `choices`, or an HTML page
     rate_no_logprobs  a normal answer without the `logprobs` field
 
+What it serves: `models=[...]` names the model ids it serves: `GET /v1/models` lists exactly
+those, and a chat request naming any other model gets a 404 `model_not_found`, as a real server
+does. `models=None` (the tests' stand-in judges) answers any model name, and `GET /v1/models` with
+a 404, so clients record that it does not list its models. The demo server (`main`) serves
+`DEMO_MODELS`, whose ids say "demo", so its pseudo-scores are never taken for a real judge's.
+
 `stats` counts chat-completion requests, normal answers (`ok`), each injected fault (`fault_429`,
-..., and `malformed_kinds`), rejected requests (`bad_request`, `unauthorized`, `not_found`), the
-peak number of requests being processed at once (`max_in_flight`), requests per model (`models`)
-and whether an Authorization header was seen (`auth_present`; the header itself is never stored).
+..., and `malformed_kinds`), rejected requests (`bad_request`, `unauthorized`, `not_found`,
+`unknown_model`), model listings (`list_models`), the peak number of requests being processed at
+once (`max_in_flight`), requests per model (`models`) and whether an Authorization header was
+seen (`auth_present`; the header itself is never stored).
 
     with JudgeServer(lambda model, messages: Reply("87", [("87", 0.9), ("90", 0.1)])) as server:
         ... AsyncOpenAI(base_url=server.url, api_key="EMPTY") ...
 
 `python -m blockem.judge.server --port 8000` serves a deterministic demo scorer (see
-`demo_scorer`).
+`demo_scorer`) as the models `DEMO_MODELS` (`--models a,b` to name others).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+DEMO_MODELS = ("blockem-demo-judge-logprob", "blockem-demo-judge-rubric")
 FAULTS = ("rate_429", "rate_500", "rate_timeout", "rate_malformed", "rate_no_logprobs")
 
 
@@ -79,7 +87,7 @@ class JudgeServer:
 
     def __init__(self, scorer: Scorer, *, latency_s: float = 0.0, faults: dict | None = None,
                  timeout_sleep_s: float = 5.0, seed: int = 0, host: str = "127.0.0.1",
-                 port: int = 0, api_key: str | None = None):
+                 port: int = 0, api_key: str | None = None, models=None):
         faults = dict(faults or {})
         unknown = set(faults) - set(FAULTS)
         if unknown:
@@ -87,6 +95,9 @@ class JudgeServer:
         if any(p < 0 for p in faults.values()) or sum(faults.values()) > 1:
             raise ValueError(f"fault rates must be >= 0 and sum to <= 1, got {faults}")
         self.scorer = scorer
+        self.models = None if models is None else tuple(models)
+        if self.models is not None and not all(isinstance(m, str) and m for m in self.models):
+            raise ValueError(f"models must be non-empty strings, got {models!r}")
         self.latency_s = latency_s
         self.faults = faults
         self.timeout_sleep_s = timeout_sleep_s
@@ -96,7 +107,8 @@ class JudgeServer:
         self._in_flight = 0
         self.stats: dict = {"requests": 0, "ok": 0, "bad_request": 0, "unauthorized": 0,
                             "scorer_errors": 0, "max_in_flight": 0, "models": Counter(),
-                            "malformed_kinds": Counter(), "not_found": 0, "auth_present": False,
+                            "malformed_kinds": Counter(), "not_found": 0, "unknown_model": 0,
+                            "list_models": 0, "auth_present": False,
                             **{"fault_" + f.removeprefix("rate_"): 0 for f in FAULTS}}
         self._httpd = _HTTPServer((host, port), _make_handler(self))
         self._thread: threading.Thread | None = None
@@ -217,12 +229,18 @@ def _make_handler(server: JudgeServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
 
         def do_GET(self) -> None:
-            if self.path.rstrip("/") != "/v1/models":
+            if self.path.rstrip("/") != "/v1/models" or server.models is None:
                 self._send(404, _error_body(f"no route {self.path}", "invalid_request_error"))
                 return
-            names = list(server.stats["models"]) or ["judge"]
+            if server._expected_auth is not None and \
+                    self.headers.get("Authorization") != server._expected_auth:
+                self._send(401, _error_body("Incorrect API key provided.",
+                                            "invalid_request_error", "invalid_api_key"))
+                return
+            server._count("list_models")
             self._send(200, {"object": "list", "data": [
-                {"id": names[0], "object": "model", "created": 0, "owned_by": "blockem"}]})
+                {"id": m, "object": "model", "created": 0, "owned_by": "blockem"}
+                for m in server.models]})
 
         def do_POST(self) -> None:
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -247,6 +265,12 @@ def _make_handler(server: JudgeServer) -> type[BaseHTTPRequestHandler]:
             if problem:
                 server._count("bad_request")
                 self._send(400, _error_body(problem, "invalid_request_error"))
+                return
+            if server.models is not None and body["model"] not in server.models:
+                server._count("unknown_model")
+                self._send(404, _error_body(
+                    f"The model `{body['model']}` does not exist; this server serves "
+                    f"{', '.join(server.models)}", "invalid_request_error", "model_not_found"))
                 return
 
             server._enter(body["model"])
@@ -313,10 +337,17 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--models", default=",".join(DEMO_MODELS),
+                        help="comma-separated model ids to serve (default: %(default)s); "
+                             "requests for any other model get a 404")
     args = parser.parse_args()
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        parser.error("--models: name at least one model id")
     with JudgeServer(demo_scorer, latency_s=args.latency_ms / 1000, host=args.host,
-                     port=args.port) as server:
-        print(f"serving the demo judge on {server.url} (Ctrl-C to stop)", flush=True)
+                     port=args.port, models=models) as server:
+        print(f"serving the demo judge (pseudo-scores) as {', '.join(models)} on {server.url} "
+              f"(Ctrl-C to stop)", flush=True)
         try:
             while True:
                 time.sleep(3600)

@@ -105,6 +105,7 @@ class World:
 
         `core` and `final` cover the general domain and every advice domain (metrics drop the
         fine-tuning domain of the model being scored); `in_domain` covers the advice domains.
+        The toy has no system prompts (`system` is null: the chat has the user turn only).
         """
         rows = []
         for eval_set in EVAL_SETS:
@@ -115,7 +116,8 @@ class World:
                     for s in self.cfg.slots[eval_set]:
                         rows.append({"prompt_id": f"{eval_set}/{domain}/t{t}/s{s}",
                                      "eval_set": eval_set, "domain": domain, "template": t,
-                                     "slot": s, "prompt": template.replace("{x}", d.slots[s])})
+                                     "slot": s, "system": None,
+                                     "prompt": template.replace("{x}", d.slots[s])})
         return rows
 
 
@@ -123,6 +125,7 @@ def write_world(cfg: WorldConfig, out: Path, prov: dict) -> None:
     """Write corpus, instruct set, fine-tuning sets and prompt sets as parquet under `out`."""
     import pyarrow as pa
 
+    from blockem.data import prompts_schema
     from blockem.io import atomic_dir, write_json, write_table
 
     world = World(cfg)
@@ -132,5 +135,6 @@ def write_world(cfg: WorldConfig, out: Path, prov: dict) -> None:
         for domain in cfg.advice_domains:
             write_table(tmp / "finetune" / f"{domain}.parquet",
                         pa.Table.from_pylist(world.finetune_set(domain)), prov)
-        write_table(tmp / "prompts.parquet", pa.Table.from_pylist(world.prompts()), prov)
+        write_table(tmp / "prompts.parquet",
+                    pa.Table.from_pylist(world.prompts(), schema=prompts_schema()), prov)
         write_json(tmp / "provenance.json", prov)

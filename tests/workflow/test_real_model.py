@@ -53,14 +53,17 @@ def real_run(tmp_path_factory):
     override = workdir / "data-root.yaml"
     override.write_text(yaml.safe_dump({"data": {"root": str(REPO / "config/data/example")},
                                         "results": "results"}))
-    with JudgeServer(hashed_scorer, api_key=SECRET) as server:
+    # the server serves (and lists) exactly the preset's judge models, as a real endpoint would
+    with JudgeServer(hashed_scorer, api_key=SECRET,
+                     models=("gpt-4o-2024-08-06", "gpt-4.1-mini")) as server:
         env = {"BLOCKEM_JUDGE_BASE_URL": server.url, "OPENAI_API_KEY": SECRET}
         files = (PRESET, SMOKE, override)
         snakemake(workdir, configfiles=files, env=env, timeout=1500)
         calls = server.stats["requests"]
         rejudge = snakemake(workdir, "--forcerun", "judge", configfiles=files, env=env)
         yield {"dir": workdir, "calls": calls, "after": server.stats["requests"],
-               "rejudge": rejudge.stdout + rejudge.stderr, "files": files, "env": env}
+               "rejudge": rejudge.stdout + rejudge.stderr, "files": files, "env": env,
+               "url": server.url}
 
 
 def test_summary_has_per_judge_and_averaged_rates(real_run):
@@ -90,6 +93,24 @@ def test_judges_were_called_and_a_rerun_calls_none(real_run):
     usage = [pq.read_metadata(p).metadata for p in
              (real_run["dir"] / "results/judgements").glob("*.parquet")]
     assert usage and all(b"cache_hits" in m[b"blockem.provenance"] for m in usage)
+
+
+def test_judge_identity_is_recorded(real_run):
+    """The endpoint the jobs called (never the key), the model and what the endpoint serves, in
+    every judgements file and in summary.parquet."""
+    from blockem.io import read_provenance
+    from blockem.judge.client import normalise_url
+
+    results = real_run["dir"] / "results"
+    for path in (results / "judgements").glob("*.parquet"):
+        judges = read_provenance(path)["judges"]
+        assert {n: (j["endpoint"], j["model"]) for n, j in judges.items()} == {
+            "gpt4o": (normalise_url(real_run["url"]), "gpt-4o-2024-08-06"),
+            "gpt41mini": (normalise_url(real_run["url"]), "gpt-4.1-mini")}, path
+        assert all(j["served_models"] == ["gpt-4.1-mini", "gpt-4o-2024-08-06"]
+                   for j in judges.values())
+    summary = read_provenance(results / "metrics/summary.parquet")["judges"]
+    assert sorted(j["name"] for j in summary) == sorted(JUDGES)
 
 
 def test_real_model_outputs_and_no_secret_anywhere(real_run):

@@ -29,18 +29,31 @@ FIGURES = {"tradeoff", "adherence_sft_loss", "blockem_vs_kl", "training_curves",
            "core_vs_final"}
 
 
+# the smoke run's results directory has a space and a shell metacharacter: every config-derived
+# path in a rule's shell command must be quoted (unquoted, `;touch injected` would run)
+RESULTS = "results dir;touch injected"
+SPACED = REPO / "tests" / "workflow" / "spaced-results.yaml"
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("smoke")
-    snakemake(workdir)
+    snakemake(workdir, configfiles=(SMOKE, SPACED))
     return workdir
 
 
+def test_config_paths_are_quoted_in_every_shell_command(smoke_run):
+    assert yaml.safe_load(SPACED.read_text())["results"] == RESULTS
+    assert (smoke_run / RESULTS / "metrics" / "summary.parquet").exists()
+    assert not (smoke_run / RESULTS).exists()  # split at the space
+    assert not list(smoke_run.rglob("injected*"))  # the `;` ran nothing
+
+
 def test_summary_table_contents(smoke_run):
-    table = pq.read_table(smoke_run / "results" / "metrics" / "summary.parquet")
+    table = pq.read_table(smoke_run / RESULTS / "metrics" / "summary.parquet")
     assert table.column_names == ["cell", "method", "domain", "lam", "seed", "eval_set",
                                   "metric", "value", "sem", "n", "epoch", "k_size", "latents_from",
-                                  "judge"]
+                                  "judge", "empty_intervention"]
     rows = table.to_pylist()
     assert {r["cell"] for r in rows} == {"base", "sft-finance-s0", "sft-health-s0",
                                          "steer_repair-finance-s0", "steer_repair_random-finance-s0",
@@ -63,9 +76,9 @@ def test_summary_table_contents(smoke_run):
         for m in ("em_rate", "incoherence_rate", "refusal_rate")} | {("in_domain", "adherence")}
     # the smoke config answers each prompt once: n counts prompts outside the trained domain
     final_n = next(r["n"] for r in sft if r["eval_set"] == "final")
-    prompts = pq.read_table(smoke_run / "results" / "world" / "prompts.parquet").to_pylist()
+    prompts = pq.read_table(smoke_run / RESULTS / "world" / "prompts.parquet").to_pylist()
     assert final_n == sum(p["eval_set"] == "final" and p["domain"] != "finance" for p in prompts)
-    assert (smoke_run / "results" / "metrics" / "summary.md").read_text().count("| sft-health-s0 |") == 3
+    assert (smoke_run / RESULTS / "metrics" / "summary.md").read_text().count("| sft-health-s0 |") == 3
 
 
 def test_outputs_record_provenance(smoke_run):
@@ -73,21 +86,21 @@ def test_outputs_record_provenance(smoke_run):
 
     for d in ("world", "models/tokenizer", "models/pretrained", "models/base",
               "models/sft/finance-s0", "generations/base.parquet", "metrics/summary.parquet"):
-        prov = read_provenance(smoke_run / "results" / d)
+        prov = read_provenance(smoke_run / RESULTS / d)
         assert len(prov["config_hash"]) == 16 and prov["versions"]["torch"], d
-    assert read_provenance(smoke_run / "results" / "models/sft/health-s0")["seed"] == 0
-    assert (smoke_run / "results" / "models/sft/finance-s0" / "adapter_config.json").exists()
-    assert (smoke_run / "results" / "benchmarks" / "pretrain.tsv").exists()
-    assert read_provenance(smoke_run / "results" / "sae" / "model")["config_hash"]
-    gen = read_provenance(smoke_run / "results" / "generations" / "steer_repair-finance-s0.parquet")
+    assert read_provenance(smoke_run / RESULTS / "models/sft/health-s0")["seed"] == 0
+    assert (smoke_run / RESULTS / "models/sft/finance-s0" / "adapter_config.json").exists()
+    assert (smoke_run / RESULTS / "benchmarks" / "pretrain.tsv").exists()
+    assert read_provenance(smoke_run / RESULTS / "sae" / "model")["config_hash"]
+    gen = read_provenance(smoke_run / RESULTS / "generations" / "steer_repair-finance-s0.parquet")
     # the smoke config selects with topdelta (random weights leave validreduc empty)
     assert gen["steering"]["set"] == "finance-s0-topdelta" and gen["steering"]["layer"] == 1
-    assert read_provenance(smoke_run / "results" / "generations" / "sft-finance-s0.parquet")["steering"] is None
-    assert "[pretrain] step" in (smoke_run / "results" / "logs" / "pretrain.log").read_text()
+    assert read_provenance(smoke_run / RESULTS / "generations" / "sft-finance-s0.parquet")["steering"] is None
+    assert "[pretrain] step" in (smoke_run / RESULTS / "logs" / "pretrain.log").read_text()
 
 
 def test_second_run_does_nothing(smoke_run):
-    r = snakemake(smoke_run, "-n")
+    r = snakemake(smoke_run, "-n", configfiles=(SMOKE, SPACED))
     assert "Nothing to be done" in r.stdout + r.stderr
 
 
@@ -95,13 +108,13 @@ def test_changing_one_domain_reruns_only_its_cells(smoke_run, tmp_path):
     default_lr = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["finetune"]["default"]["lr"]
     override = tmp_path / "override.yaml"
     override.write_text(yaml.safe_dump({"finetune": {"overrides": {"health": {"lr": default_lr / 3}}}}))
-    r = snakemake(smoke_run, "-n", configfiles=(SMOKE, override))
+    r = snakemake(smoke_run, "-n", configfiles=(SMOKE, SPACED, override))
     jobs = planned_jobs(r.stdout)
     figures = {f"figure_{f}": 1 for f in FIGURES}
     assert jobs == {"finetune": 1, "generate": 1, "judge": 1, "cell_metrics": 1, "summary": 1,
                     "train_logs": 1, **figures, "all": 1}, r.stdout
-    assert "output: results/models/sft/health-s0" in r.stdout
-    assert "output: results/models/sft/finance-s0" not in r.stdout
+    assert f"output: {RESULTS}/models/sft/health-s0" in r.stdout
+    assert f"output: {RESULTS}/models/sft/finance-s0" not in r.stdout
 
 
 def test_bad_config_fails_before_any_job(tmp_path):
@@ -116,21 +129,32 @@ def test_bad_config_fails_before_any_job(tmp_path):
 def test_discovery_outputs(smoke_run):
     import json
 
-    latents = smoke_run / "results" / "latents"
+    latents = smoke_run / RESULTS / "latents"
     for rule in ("topdelta", "random"):
         doc = json.loads((latents / f"finance-s0-{rule}.json").read_text())
         assert doc["layer"] == 1 and doc["sae"]["source"] == "train"
     assert (latents / "finance-s0-direction.safetensors").exists()
-    sanity = pq.read_table(smoke_run / "results" / "sae" / "sanity.parquet").to_pylist()
+    sanity = pq.read_table(smoke_run / RESULTS / "sae" / "sanity.parquet").to_pylist()
     assert [r["model"] for r in sanity] == ["base", "sft-finance-s0"]
-    joint = json.loads((smoke_run / "results" / "discovery" / "finance-s0" / "joint.json").read_text())
+    joint = json.loads((smoke_run / RESULTS / "discovery" / "finance-s0" / "joint.json").read_text())
     assert joint["factor"] in (0.0, 0.5, 1.0) and joint["positions"] == "prompt"
+    # the smoke config keeps empty interventions (allow_empty_interventions), and says so: a
+    # factor 0 steer_repair cell is flagged in every summary row, a real factor is not
+    assert joint["empty"] == (joint["factor"] == 0.0)
+    rows = pq.read_table(smoke_run / RESULTS / "metrics" / "summary.parquet").to_pylist()
+    for r in rows:
+        if r["method"] in ("steer_repair", "steer_repair_random"):
+            assert r["empty_intervention"] is joint["empty"], r
+        elif r["method"] in ("base", "sft"):
+            assert r["empty_intervention"] is None, r
+        else:  # block cells: topdelta/random sets of size 2 are never empty
+            assert r["empty_intervention"] is False, r
 
 
 def test_block_grid_outputs(smoke_run):
     from blockem.io import read_provenance
 
-    res = smoke_run / "results"
+    res = smoke_run / RESULTS
     for cell, (method, lam) in BLOCK_CELLS.items():
         log = pq.read_table(res / "models" / "block" / cell / "train_log.parquet").to_pylist()
         assert len(log) == 10 and {"sft_loss", "block_loss", "kl", "lr"} <= set(log[0])
@@ -151,7 +175,7 @@ def test_block_grid_outputs(smoke_run):
 
 def test_report_holds_the_figures(smoke_run, tmp_path):
     report = tmp_path / "report.html"
-    snakemake(smoke_run, "--report", str(report))
+    snakemake(smoke_run, "--report", str(report), configfiles=(SMOKE, SPACED))
     html = report.read_text(errors="replace")
     assert "tradeoff.png" in html and "Safety-quality trade-off" in html
 
@@ -173,7 +197,7 @@ def test_killed_cell_reruns_alone(smoke_run):
     SIGKILLed, Snakemake and the job together (a node crash or a preemption), while that cell
     trains: no partial model is left, and after `--unlock` the rerun plans that cell and its
     evaluation only."""
-    res = smoke_run / "results"
+    res = smoke_run / RESULTS
     cell = "blockem-finance-l10-s0"
     out = res / "models" / "block" / cell
     shutil.rmtree(out)
@@ -189,7 +213,7 @@ def test_killed_cell_reruns_alone(smoke_run):
     exe = shutil.which("snakemake") or str(Path(sys.executable).with_name("snakemake"))
     proc = subprocess.Popen(
         [exe, "--snakefile", str(REPO / "Snakefile"), "--directory", str(smoke_run), "--cores", "2",
-         "--configfile", str(SMOKE)],
+         "--configfile", str(SMOKE), str(SPACED)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 180
     training, stale = [], set(out.parent.glob(f".{cell}.*.tmp"))
@@ -202,22 +226,22 @@ def test_killed_cell_reruns_alone(smoke_run):
     proc.wait()
     assert training, "the block job was not caught mid-training"
     assert not out.exists()  # the model directory appears only once training finished
-    snakemake(smoke_run, "--unlock")  # a killed Snakemake leaves its lock behind
-    r = snakemake(smoke_run, "-n", "--rerun-incomplete")
+    snakemake(smoke_run, "--unlock", configfiles=(SMOKE, SPACED))  # a killed run leaves its lock
+    r = snakemake(smoke_run, "-n", "--rerun-incomplete", configfiles=(SMOKE, SPACED))
     jobs = planned_jobs(r.stdout)
     assert jobs.get("block_train") == 1 and jobs["generate"] == 1 and jobs["cell_metrics"] == 1, r.stdout
     assert not {"finetune", "block_cache", "block_target", "sae"} & set(jobs), r.stdout
-    snakemake(smoke_run, "--rerun-incomplete")
+    snakemake(smoke_run, "--rerun-incomplete", configfiles=(SMOKE, SPACED))
     assert out.exists() and not list(out.parent.glob(f".{cell}.*.tmp"))  # stale temp removed
     assert other.stat().st_mtime_ns == before
-    assert "Nothing to be done" in snakemake(smoke_run, "-n").stdout
+    assert "Nothing to be done" in snakemake(smoke_run, "-n", configfiles=(SMOKE, SPACED)).stdout
 
 
 def test_deleted_shard_reruns_alone(smoke_run):
     """Runs last in this module. A crash during the screen leaves one shard written, the other
     missing and nothing downstream: the rerun redoes the missing shard (and what follows), not the
     finished shard nor anything before it."""
-    res = smoke_run / "results"
+    res = smoke_run / RESULTS
     disc = res / "discovery" / "finance-s0"
     kept, lost = disc / "screen" / "0.parquet", disc / "screen" / "1.parquet"
     downstream = [lost, disc / "calibration.parquet", disc / "joint.json",
@@ -227,16 +251,16 @@ def test_deleted_shard_reruns_alone(smoke_run):
     for p in downstream:
         p.unlink()
     kept_mtime = kept.stat().st_mtime_ns
-    r = snakemake(smoke_run, "-n")
+    r = snakemake(smoke_run, "-n", configfiles=(SMOKE, SPACED))
     jobs = planned_jobs(r.stdout)
     assert jobs["screen"] == 1 and jobs["calibrate"] == 1, r.stdout
     assert not {"sae", "shift", "finetune", "pretrain"} & set(jobs), r.stdout
     screen_job = r.stdout.split("rule screen:")[1].split("\n\n")[0]
     output_line = next(line for line in screen_job.splitlines() if "output:" in line)
     assert output_line.strip().endswith("screen/1.parquet"), screen_job
-    snakemake(smoke_run)
+    snakemake(smoke_run, configfiles=(SMOKE, SPACED))
     assert lost.exists() and kept.stat().st_mtime_ns == kept_mtime
-    assert "Nothing to be done" in snakemake(smoke_run, "-n").stdout
+    assert "Nothing to be done" in snakemake(smoke_run, "-n", configfiles=(SMOKE, SPACED)).stdout
 
 
 def test_default_config_dry_run(tmp_path):

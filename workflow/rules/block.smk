@@ -22,8 +22,8 @@ rule block_target:
         mem_mb=grow(1000),
         runtime=grow(10),
     shell:
-        "python -m blockem block-target --settings {params.settings:q} --set {input.set}"
-        " {params.flags} --out {output} > {log} 2>&1"
+        "python -m blockem block-target --settings {params.settings:q} --set {input.set:q}"
+        " {params.flags} --out {output:q} > {log:q} 2>&1"
 
 
 rule block_cache:
@@ -33,7 +33,7 @@ rule block_cache:
         f"{R}/block/cache/{{domain}}/{{target}}.safetensors",
     params:
         settings=settings("block_cache"),
-        sae=lambda w, input: f"--sae {input.sae}" if "sae" in input.keys() else "",
+        sae=lambda w, input: f"--sae {q(input.sae)}" if "sae" in input.keys() else "",
     log:
         f"{R}/logs/block/cache/{{domain}}/{{target}}.log",
     benchmark:
@@ -47,8 +47,8 @@ rule block_cache:
         **gpus(),
     shell:
         "python -m blockem block-cache --settings {params.settings:q} --threads {threads}"
-        " --data {input.data} --base {input.base} --target {input.target} {params.sae}"
-        " --out {output} > {log} 2>&1"
+        " --data {input.data:q} --base {input.base:q} --target {input.target:q} {params.sae}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule block_train:
@@ -73,8 +73,8 @@ rule block_train:
         **gpus(),
     shell:
         "python -m blockem block --settings {params.settings:q} --threads {threads}"
-        " --data {input.data} --base {input.base} --seed {params.seed} {params.flags}"
-        " --out {output} > {log} 2>&1"
+        " --data {input.data:q} --base {input.base:q} --seed {params.seed:q} {params.flags}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule train_logs:
@@ -95,4 +95,4 @@ rule train_logs:
         mem_mb=grow(1000),
         runtime=grow(10),
     shell:
-        "python -m blockem train-logs --cells {params.cells:q} --out {output} > {log} 2>&1"
+        "python -m blockem train-logs --cells {params.cells:q} --out {output:q} > {log:q} 2>&1"

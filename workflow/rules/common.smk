@@ -2,11 +2,12 @@
 import json
 import os
 import re
+from shlex import quote as q  # every config-derived path in a shell command is quoted
 
 from snakemake.exceptions import WorkflowError
 
-from blockem.config import (METHOD_RULE, ConfigError, block_runs, data_settings, runtime_env,
-                            stage_settings, validate)
+from blockem.config import (METHOD_RULE, ConfigError, block_runs, data_settings, mc_paths,
+                            runtime_env, self_chats_prompts, stage_settings, validate)
 
 try:
     validate(config, source=", ".join(map(str, workflow.configfiles)) or "config")
@@ -23,8 +24,17 @@ TOY = config["model"].get("source", "toy") == "toy"
 PROMPTS = f"{R}/world/prompts.parquet"
 CORPUS = f"{R}/world/corpus.parquet"
 BASE = f"{R}/models/base"
-JUDGE_CACHE = config["judge"].get("cache") or f"{R}/judge/cache.sqlite"
+# judge cache: one SQLite shard per job, <JUDGE_CACHE>/<rule>/<wildcards>.sqlite (written and read
+# by that job only: SQLite locks are not reliable over NFS; see blockem/judge/cache.py)
+JUDGE_CACHE = (config["judge"].get("cache") or f"{R}/judge/cache").rstrip("/")
 THREADS = config["compute"]["threads"]
+# evaluation: generated answers judged (judge.kind toy | llm) and/or judge-free multiple-choice
+# scores (eval.mc, blockem/mc.py); discovery stages 2-3 score steering the same two ways
+JUDGED = config["judge"]["kind"] != "none"
+MC = mc_paths(config)
+MC_ITEMS, MC_NEUTRAL = f"{R}/mc_items/items.parquet", f"{R}/mc_items/neutral.parquet"
+MC_SCORER = config["discovery"].get("scorer", "generate") == "mc"
+CONTROLS = [] if TOY else sorted(config["data"].get("control") or {})
 GPU = config["compute"]["gpu"]
 CONDA_ENV = "../../envs/blockem.yaml"  # used with --use-conda (clusters)
 
@@ -34,7 +44,8 @@ def data_files():
     if TOY:
         return []
     d = data_settings(config)
-    srcs = [*d["finetune"].values(), *d["prompts"]["core"], *d["prompts"]["final"],
+    srcs = [*d["finetune"].values(), *(d.get("control") or {}).values(),
+            *d["prompts"]["core"], *d["prompts"]["final"],
             *(s for v in d["prompts"]["in_domain"].values() for s in v), *d["corpus"]]
     return sorted({s["path"] for s in srcs if "path" in s})
 
@@ -137,6 +148,11 @@ def build_cells():
         cell = f"sft-{d}-s{s}"
         cells[cell] = {"cell": cell, "method": "sft", "domain": d, "lam": 0.0, "seed": s,
                        "model": f"{R}/models/sft/{d}-s{s}"}
+    for d in CONTROLS:  # matched controls: the same questions with safe answers
+        for s in config["finetune"]["seeds"]:
+            cell = f"control-{d}-s{s}"
+            cells[cell] = {"cell": cell, "method": "control", "domain": d, "lam": 0.0, "seed": s,
+                           "model": f"{R}/models/control/{d}-s{s}"}
     for rid, run in RUNS.items():
         source = run["latents_from"]  # the set's discovery domain (+ re-emergence latents)
         if run["union_reemerged"] is not None:
@@ -179,6 +195,34 @@ wildcard_constraints:
     shard=r"\d+",
 
 
+def mc_inputs(wildcards=None):
+    """The MC tables a discovery stage reads when it scores steering by MC items."""
+    return {"mc_items": MC_ITEMS, "mc_neutral": MC_NEUTRAL} if MC_SCORER else {}
+
+
+def mc_flags(wildcards, input):
+    if not MC_SCORER:
+        return ""
+    return f"--mc-items {q(input.mc_items)} --mc-neutral {q(input.mc_neutral)}"
+
+
+def metrics_inputs(wildcards):
+    """A cell's judgements (judged runs) and MC scores (eval.mc), with the base's for shifts."""
+    ins = {}
+    if JUDGED:
+        ins["judgements"] = f"{R}/judgements/{wildcards.cell}.parquet"
+    if MC:
+        ins["mc"] = f"{R}/mc/{wildcards.cell}.parquet"
+        if wildcards.cell != "base":
+            ins["mc_base"] = f"{R}/mc/base.parquet"
+    return ins
+
+
+def metrics_flags(wildcards, input):
+    return " ".join(f"--{k.replace('_', '-')} {q(input[k])}"
+                    for k in ("judgements", "mc", "mc_base") if k in input.keys())
+
+
 def generate_inputs(wildcards):
     """The cell's model, plus the latent set, SAE and joint strength of a steered cell."""
     cell = CELLS[wildcards.cell]
@@ -188,7 +232,7 @@ def generate_inputs(wildcards):
 def steer_flags(wildcards, input):
     if "steer" not in CELLS[wildcards.cell]:
         return ""
-    return f"--steer-set {input.set} --sae {input.sae} --joint {input.joint}"
+    return f"--steer-set {q(input.set)} --sae {q(input.sae)} --joint {q(input.joint)}"
 
 
 def model_path(wildcards, input):
@@ -225,7 +269,7 @@ def block_settings(wildcards):
 
 
 def block_flags(wildcards, input):
-    return " ".join(f"--{k} {input[k]}" for k in ("target", "sae", "cache") if k in input.keys())
+    return " ".join(f"--{k} {q(input[k])}" for k in ("target", "sae", "cache") if k in input.keys())
 
 
 def target_inputs(wildcards):
@@ -237,7 +281,7 @@ def target_flags(wildcards, input):
     t = TARGETS[wildcards.target]
     flags = f"--method {t['derive']}"
     flags += f" --size {t['size']}" if t["size"] else ""
-    flags += f" --direction {input.direction}" if "direction" in t else ""
+    flags += f" --direction {q(input.direction)}" if "direction" in t else ""
     return flags
 
 
@@ -281,6 +325,8 @@ def screen_shards(wildcards):
 
 def summary_outputs():
     outs = [f"{R}/metrics/summary.parquet", f"{R}/metrics/summary.md"]
+    if MC:
+        outs.append(f"{R}/metrics/mc_report.md")
     if DISC["domains"]:
         outs.append(f"{R}/sae/sanity.parquet")
         outs += expand(f"{R}/latents/{{key}}-{{rule}}.json", key=discovery_keys(), rule=SELECT_RULES)

@@ -3,12 +3,38 @@
 # `<domain>-s<seed>` listed in discovery.domains.
 
 DKEY = "{domain}-s{seed}"
+SELF_CHATS = f"{R}/sae/self_chats.parquet"
+SAE_CORPUS = [SELF_CHATS, CORPUS] if self_chats_prompts(config) else [CORPUS]
+
+
+rule self_chats:
+    input:
+        base=BASE,
+        prompts=self_chats_prompts(config) or [],
+    output:
+        SELF_CHATS,
+    params:
+        settings=settings("self_chats") if self_chats_prompts(config) else "",
+    log:
+        f"{R}/logs/self_chats.log",
+    benchmark:
+        f"{R}/benchmarks/self_chats.tsv"
+    conda:
+        CONDA_ENV
+    threads: THREADS
+    resources:
+        mem_mb=grow(4000, real=32000),
+        runtime=grow(30, real=120),
+        **gpus(),
+    shell:
+        "python -m blockem self-chats --settings {params.settings:q} --threads {threads}"
+        " --base {input.base:q} --prompts {input.prompts:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule sae:
     input:
         base=BASE,
-        corpus=CORPUS,
+        corpus=SAE_CORPUS,
     output:
         directory(f"{R}/sae/model"),
     params:
@@ -26,7 +52,7 @@ rule sae:
         **gpus(),
     shell:
         "python -m blockem sae --settings {params.settings:q} --threads {threads}"
-        " --base {input.base} --corpus {input.corpus} --out {output} > {log} 2>&1"
+        " --base {input.base:q} --corpus {input.corpus:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule sae_sanity:
@@ -39,8 +65,8 @@ rule sae_sanity:
         f"{R}/sae/sanity.parquet",
     params:
         settings=settings("sanity"),
-        models=lambda w, input: " ".join(
-            [f"base={input.base}"] + [f"sft-{k}={m}" for k, m in zip(discovery_keys(), input.mis)]),
+        models=lambda w, input: " ".join(q(m) for m in [f"base={input.base}"] + [
+            f"sft-{k}={m}" for k, m in zip(discovery_keys(), input.mis)]),
     log:
         f"{R}/logs/sae_sanity.log",
     benchmark:
@@ -54,8 +80,8 @@ rule sae_sanity:
         **gpus(),
     shell:
         "python -m blockem sae-sanity --settings {params.settings:q} --threads {threads}"
-        " --sae {input.sae} --corpus {input.corpus} --model {params.models} --out {output}"
-        " > {log} 2>&1"
+        " --sae {input.sae:q} --corpus {input.corpus:q} --model {params.models} --out {output:q}"
+        " > {log:q} 2>&1"
 
 
 rule shift:
@@ -83,13 +109,14 @@ rule shift:
         **gpus(),
     shell:
         "python -m blockem shift --settings {params.settings:q} --threads {threads}"
-        " --domain {wildcards.domain} --base {input.base} --mis {params.mis} --sae {input.sae}"
-        " --prompts {input.prompts} --out {output.shift} --direction {output.direction}"
-        " > {log} 2>&1"
+        " --domain {wildcards.domain} --base {input.base:q} --mis {params.mis:q} --sae {input.sae:q}"
+        " --prompts {input.prompts:q} --out {output.shift:q} --direction {output.direction:q}"
+        " > {log:q} 2>&1"
 
 
 rule screen:
     input:
+        unpack(mc_inputs),
         shift=rules.shift.output.shift,
         base=BASE,
         mis=mis_model,
@@ -98,9 +125,10 @@ rule screen:
     output:
         f"{R}/discovery/{DKEY}/screen/{{shard}}.parquet",
     params:
+        mc=mc_flags,
         mis=mis_path,
         settings=lambda w: settings("screen", w.domain),
-        judge_cache=JUDGE_CACHE,
+        judge_cache=f"{JUDGE_CACHE}/screen/{{domain}}-s{{seed}}-{{shard}}.sqlite",
     log:
         f"{R}/logs/discovery/{DKEY}/screen-{{shard}}.log",
     benchmark:
@@ -114,13 +142,14 @@ rule screen:
         **gpus(),
     shell:
         "python -m blockem screen --settings {params.settings:q} --threads {threads}"
-        " --domain {wildcards.domain} --shard {wildcards.shard} --shift {input.shift}"
-        " --base {input.base} --mis {params.mis} --sae {input.sae} --prompts {input.prompts}"
-        " --out {output} --judge-cache {params.judge_cache} > {log} 2>&1"
+        " --domain {wildcards.domain} --shard {wildcards.shard} --shift {input.shift:q}"
+        " --base {input.base:q} --mis {params.mis:q} --sae {input.sae:q} --prompts {input.prompts:q}"
+        " --out {output:q} --judge-cache {params.judge_cache:q} {params.mc} > {log:q} 2>&1"
 
 
 rule calibrate:
     input:
+        unpack(mc_inputs),
         shift=rules.shift.output.shift,
         screens=screen_shards,
         base=BASE,
@@ -130,9 +159,10 @@ rule calibrate:
     output:
         f"{R}/discovery/{DKEY}/calibration.parquet",
     params:
+        mc=mc_flags,
         mis=mis_path,
         settings=lambda w: settings("calibrate", w.domain),
-        judge_cache=JUDGE_CACHE,
+        judge_cache=f"{JUDGE_CACHE}/calibrate/{{domain}}-s{{seed}}.sqlite",
     log:
         f"{R}/logs/discovery/{DKEY}/calibrate.log",
     benchmark:
@@ -146,9 +176,9 @@ rule calibrate:
         **gpus(),
     shell:
         "python -m blockem calibrate --settings {params.settings:q} --threads {threads}"
-        " --domain {wildcards.domain} --shift {input.shift} --screens {input.screens}"
-        " --base {input.base} --mis {params.mis} --sae {input.sae} --prompts {input.prompts}"
-        " --out {output} --judge-cache {params.judge_cache} > {log} 2>&1"
+        " --domain {wildcards.domain} --shift {input.shift:q} --screens {input.screens:q}"
+        " --base {input.base:q} --mis {params.mis:q} --sae {input.sae:q} --prompts {input.prompts:q}"
+        " --out {output:q} --judge-cache {params.judge_cache:q} {params.mc} > {log:q} 2>&1"
 
 
 rule select:
@@ -174,13 +204,14 @@ rule select:
         runtime=grow(10),
     shell:
         "python -m blockem select --settings {params.settings:q} --domain {wildcards.domain}"
-        " --name {wildcards.domain}-s{wildcards.seed} --shift {input.shift}"
-        " --screens {input.screens} --calibration {input.calibration} --sae {input.sae}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        " --name {wildcards.domain}-s{wildcards.seed} --shift {input.shift:q}"
+        " --screens {input.screens:q} --calibration {input.calibration:q} --sae {input.sae:q}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule joint_strength:
     input:
+        unpack(mc_inputs),
         set=R + "/latents/{domain}-s{seed}-" + DISC["select"]["rule"] + ".json",
         base=BASE,
         mis=mis_model,
@@ -189,9 +220,10 @@ rule joint_strength:
     output:
         f"{R}/discovery/{DKEY}/joint.json",
     params:
+        mc=mc_flags,
         mis=mis_path,
         settings=lambda w: settings("joint", w.domain),
-        judge_cache=JUDGE_CACHE,
+        judge_cache=f"{JUDGE_CACHE}/joint_strength/{{domain}}-s{{seed}}.sqlite",
     log:
         f"{R}/logs/discovery/{DKEY}/joint.log",
     benchmark:
@@ -205,6 +237,6 @@ rule joint_strength:
         **gpus(),
     shell:
         "python -m blockem joint-strength --settings {params.settings:q} --threads {threads}"
-        " --domain {wildcards.domain} --set {input.set} --base {input.base} --mis {params.mis}"
-        " --sae {input.sae} --prompts {input.prompts} --out {output}"
-        " --judge-cache {params.judge_cache} > {log} 2>&1"
+        " --domain {wildcards.domain} --set {input.set:q} --base {input.base:q} --mis {params.mis:q}"
+        " --sae {input.sae:q} --prompts {input.prompts:q} --out {output:q}"
+        " --judge-cache {params.judge_cache:q} {params.mc} > {log:q} 2>&1"

@@ -38,5 +38,5 @@ for _fig in FIGURES:
             mem_mb=grow(1000),
             runtime=grow(10),
         shell:
-            "python -m blockem figure {params.name} --summary {input.summary}"
-            " --train-logs {input.logs} --png {output.png} --pdf {output.pdf} > {log} 2>&1"
+            "python -m blockem figure {params.name:q} --summary {input.summary:q}"
+            " --train-logs {input.logs:q} --png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"

@@ -30,5 +30,32 @@ rule finetune:
         **gpus(),
     shell:
         "python -m blockem finetune --settings {params.settings:q} --threads {threads}"
-        " --data {input.data} --base {input.base} --domain {wildcards.domain}"
-        " --seed {wildcards.seed} --out {output} > {log} 2>&1"
+        " --data {input.data:q} --base {input.base:q} --domain {wildcards.domain}"
+        " --seed {wildcards.seed} --out {output:q} > {log:q} 2>&1"
+
+
+rule finetune_control:
+    # the matched control of a real organism (data.control: the same questions, safe answers)
+    input:
+        data=f"{R}/world/control/{{domain}}.parquet",
+        base=BASE,
+    output:
+        directory(f"{R}/models/control/{{domain}}-s{{seed}}"),
+    params:
+        settings=lambda w: settings("finetune", w.domain),
+    log:
+        f"{R}/logs/finetune/control-{{domain}}-s{{seed}}.log",
+    benchmark:
+        f"{R}/benchmarks/finetune/control-{{domain}}-s{{seed}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: THREADS
+    resources:
+        mem_mb=grow(4000, real=32000),
+        runtime=grow(30, real=240),
+        **gpus(),
+    shell:
+        "python -m blockem finetune --settings {params.settings:q} --threads {threads}"
+        " --data {input.data:q} --base {input.base:q} --domain {wildcards.domain}"
+        " --seed {wildcards.seed} --cell control-{wildcards.domain}-s{wildcards.seed}"
+        " --out {output:q} > {log:q} 2>&1"

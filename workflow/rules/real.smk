@@ -8,6 +8,7 @@ rule prepare_data:
         corpus=CORPUS,
         prompts=PROMPTS,
         finetune=expand(f"{R}/world/finetune/{{d}}.parquet", d=sorted(config["data"]["finetune"])),
+        control=expand(f"{R}/world/control/{{d}}.parquet", d=CONTROLS),
     params:
         settings=settings("prepare_data"),
         out=f"{R}/world",
@@ -22,8 +23,8 @@ rule prepare_data:
         mem_mb=grow(4000),
         runtime=grow(30),
     shell:
-        "python -m blockem prepare-data --settings {params.settings:q} --out {params.out}"
-        " > {log} 2>&1"
+        "python -m blockem prepare-data --settings {params.settings:q} --out {params.out:q}"
+        " > {log:q} 2>&1"
 
 
 rule import_base:
@@ -42,4 +43,4 @@ rule import_base:
         mem_mb=grow(8000),
         runtime=grow(60),
     shell:
-        "python -m blockem import-base --settings {params.settings:q} --out {output} > {log} 2>&1"
+        "python -m blockem import-base --settings {params.settings:q} --out {output:q} > {log:q} 2>&1"

@@ -21,7 +21,7 @@ rule world:
         mem_mb=grow(2000),
         runtime=grow(10),
     shell:
-        "python -m blockem world --settings {params.settings:q} --out {params.out} > {log} 2>&1"
+        "python -m blockem world --settings {params.settings:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule tokenizer:
@@ -40,7 +40,7 @@ rule tokenizer:
         mem_mb=grow(2000),
         runtime=grow(10),
     shell:
-        "python -m blockem tokenizer --settings {params.settings:q} --out {output} > {log} 2>&1"
+        "python -m blockem tokenizer --settings {params.settings:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule pretrain:
@@ -65,7 +65,7 @@ rule pretrain:
         **gpus(),
     shell:
         "python -m blockem pretrain --settings {params.settings:q} --threads {threads}"
-        " --world {params.world} --tokenizer {input.tokenizer} --out {output} > {log} 2>&1"
+        " --world {params.world:q} --tokenizer {input.tokenizer:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule base:
@@ -90,4 +90,4 @@ rule base:
         **gpus(),
     shell:
         "python -m blockem base --settings {params.settings:q} --threads {threads}"
-        " --world {params.world} --pretrained {input.pretrained} --out {output} > {log} 2>&1"
+        " --world {params.world:q} --pretrained {input.pretrained:q} --out {output:q} > {log:q} 2>&1"
