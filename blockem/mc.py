@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -144,8 +146,11 @@ def answer_logprobs(model, tokenizer, examples, *, batch_size: int = 32, device:
     conds = [None] if vectors is None else list(vectors)
     out = torch.zeros(len(conds), len(examples))
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    t0, n_batches = time.time(), -(-len(order) // batch_size)
     with torch.no_grad():
         for s in range(0, len(order), batch_size):
+            print(f"[mc] batch {s // batch_size + 1}/{n_batches} x {len(conds)} condition(s) "
+                  f"({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
             idx = order[s:s + batch_size]
             b = collate([examples[i] for i in idx], tokenizer.pad_token_id)
             ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)

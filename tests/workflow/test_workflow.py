@@ -45,7 +45,7 @@ def smoke_run(tmp_path_factory):
 def test_config_paths_are_quoted_in_every_shell_command(smoke_run):
     assert yaml.safe_load(SPACED.read_text())["results"] == RESULTS
     assert (smoke_run / RESULTS / "metrics" / "summary.parquet").exists()
-    assert not (smoke_run / RESULTS).exists()  # split at the space
+    assert not (smoke_run / "results").exists()  # not split at the space
     assert not list(smoke_run.rglob("injected*"))  # the `;` ran nothing
 
 
