@@ -175,35 +175,27 @@ def answer_logprobs(model, tokenizer, examples, *, batch_size: int = 32, device:
     return out
 
 
-class _Fixed:
-    """Stand-ins for the decoder layers up to L while the rest of the model runs: the first
-    returns the cached residual after layer L, the others pass it on."""
-
-    @staticmethod
-    def modules(h, n: int):
-        import torch
-
-        class Const(torch.nn.Module):
-            def forward(self, hidden_states, *args, **kwargs):
-                return h
-
-        class Skip(torch.nn.Module):
-            def forward(self, hidden_states, *args, **kwargs):
-                return hidden_states
-
-        return [Const()] + [Skip() for _ in range(n - 1)]
-
-
 @contextmanager
 def _from_layer(model, layer: int, h):
-    """Run `model` from the residual `h` after `model.layers[layer]` (its layers 0..layer are
-    swapped for stand-ins; the embedding, masks and rotary tables are still made as usual)."""
+    """Run `model` from the residual `h` after `model.layers[layer]`: its layers 0..layer are
+    swapped for stand-ins (the first returns `h`, the others pass it on) while the embedding,
+    masks and rotary tables are still made as usual."""
+    import torch
+
     from blockem.sae import decoder_layers
+
+    class Const(torch.nn.Module):
+        def forward(self, hidden_states, *args, **kwargs):
+            return h
+
+    class Skip(torch.nn.Module):
+        def forward(self, hidden_states, *args, **kwargs):
+            return hidden_states
 
     layers = decoder_layers(model)
     saved = [layers[i] for i in range(layer + 1)]
-    for i, m in enumerate(_Fixed.modules(h, layer + 1)):
-        layers[i] = m
+    for i in range(layer + 1):
+        layers[i] = Const() if i == 0 else Skip()
     try:
         yield
     finally:
