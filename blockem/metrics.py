@@ -145,19 +145,14 @@ def cell_metrics_file(judgements: Path | None, out: Path, cell: dict, mc: Path |
                       mc_base: Path | None = None) -> None:
     """A cell's metric rows from its judgements (judged rates) and/or its MC scores table
     (`blockem.mc`; `mc_base`: the base's, for the paired shifts)."""
-    import pyarrow.parquet as pq
-
     from blockem.io import provenance, read_checked, write_table
 
     if judgements is None and mc is None:
         raise ValueError("cell metrics need judgements or MC scores (or both)")
     rows, flags, extra = [], set(), {}
     if judgements is not None:
-        table = pq.read_table(judgements)
-        missing = {"eval_set", "domain", "label"} - set(table.column_names)
-        if missing:
-            raise ValueError(f"{judgements}: not a judgements table (missing column(s) "
-                             f"{sorted(missing)}; written by `python -m blockem judge`)")
+        table = read_checked(judgements, ("eval_set", "domain", "label"),
+                             "a judgements table (written by `python -m blockem judge`)")
         cols = [c for c in ("eval_set", "domain", "label", "judge", "adherent", "prompt_id",
                             "sample") if c in table.column_names]
         rows = cell_rows(table.select(cols).to_pylist(), cell)
