@@ -37,7 +37,8 @@ def cmd_validate(args) -> None:
 
 
 def cmd_settings(args) -> None:
-    from blockem.config import load_config, settings_hash, stage_settings
+    from blockem.config import load_config, stage_settings
+    from blockem.hashing import settings_hash
 
     s = stage_settings(load_config(*args.config), args.stage, args.domain)
     print(json.dumps({"config_hash": settings_hash(s), "settings": s}, indent=2))
@@ -452,7 +453,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from blockem.config import ConfigError
+    from blockem.errors import ConfigError
 
     try:
         args.fn(args)

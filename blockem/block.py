@@ -88,7 +88,7 @@ def target_doc(method: str, latent_set: dict | None, direction=None, *, seed: in
     latents (sets are stored best first). A target left with no latents is an error
     (`EmptyIntervention`) unless `allow_empty`: then it is written with `"empty": true` and its
     cells train without the penalty."""
-    from blockem.select import EmptyIntervention
+    from blockem.errors import EmptyIntervention
 
     import random
 
@@ -210,7 +210,7 @@ def residual_upto(model, batch, layer: int):
     """No-grad residual after `model.layers[layer]`, running only layers <= layer."""
     import torch
 
-    from blockem.sae import capture_residual
+    from blockem.hooks import capture_residual
 
     store: list = []
     with torch.no_grad(), capture_residual(model, layer, store, stop=True):
@@ -335,7 +335,7 @@ class BlockObjective:
     def __call__(self, model, batch, examples, counts):
         import torch
 
-        from blockem.sae import capture_residual
+        from blockem.hooks import capture_residual
         from blockem.train import sft_loss
 
         store: list = []
@@ -392,7 +392,7 @@ def target_stage(method: str, set_paths: list[Path], out: Path, settings: dict, 
 
 def check_target(target: dict, path) -> None:
     """A blocking target file as `target_stage` writes it; an empty one only if marked so."""
-    from blockem.select import EmptyIntervention
+    from blockem.errors import EmptyIntervention
 
     missing = [k for k in ("name", "kind", "layer", "latents", "signs") if k not in target]
     if missing:
@@ -467,13 +467,12 @@ def train_stage(data: Path, base_dir: Path, out: Path, settings: dict, seed: int
     import shutil
     import sys
 
-    from blockem.config import check_injected_failure
+    from blockem.errors import EmptyIntervention
     from blockem.io import atomic_dir, provenance, read_json, write_table
     from blockem.models import load_model, save_model
     from blockem.organism import _log_table, prepare_finetune
+    from blockem.runtime import check_injected_failure
     from blockem.train import Checkpoint, TrainConfig, checkpoint_key, train
-
-    from blockem.select import EmptyIntervention
 
     check_injected_failure(Path(out).name)  # the grid run id
     b = settings["block"]

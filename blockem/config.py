@@ -3,75 +3,25 @@
 The workflow's config is validated against `workflow/schemas/config.schema.yaml` before any job
 starts (the Snakefile calls `validate`). Each stage then receives only the part of the config it
 depends on (`stage_settings`), as JSON on its command line, so Snakemake's params trigger reruns
-exactly the jobs whose settings changed, and the hash of those settings is the output's
-`config_hash` in its provenance.
+exactly the jobs whose settings changed, and the hash of those settings
+(`blockem.hashing.settings_hash`) is the output's `config_hash` in its provenance. `STAGES` is the
+table of what each stage depends on. Switches that change how a job runs but never what it writes
+(checkpointing, injected failures) are not settings: see `blockem.runtime`.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from pathlib import Path
-from typing import Any
 
 import yaml
+
+from blockem.errors import ConfigError
+from blockem.hashing import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPO / "workflow" / "schemas" / "config.schema.yaml"
 DEFAULT_CONFIG = REPO / "config" / "config.yaml"
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the file and the key path in the message."""
-
-
-class InjectedFailure(ValueError):
-    """The deliberate failure of a cell named in `faults.fail_cells` (a testing aid)."""
-
-
-# --- run-time switches ------------------------------------------------------------------------
-# `compute.checkpoint_every` and `faults.fail_cells` change how a job runs, never what it writes,
-# so they are in no stage's settings (no hash, no Snakemake params: editing them reruns nothing).
-# The workflow exports them to every job as environment variables (`runtime_env`, called by
-# workflow/rules/common.smk); a stage run by hand reads the same variables.
-CHECKPOINT_ENV = "BLOCKEM_CHECKPOINT_EVERY"
-FAIL_CELLS_ENV = "BLOCKEM_FAIL_CELLS"
-DEFAULT_CHECKPOINT_EVERY = 100
-
-
-def runtime_env(cfg: dict) -> dict[str, str]:
-    """Environment variables that carry the config's run-time switches to every job."""
-    every = cfg.get("compute", {}).get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY)
-    cells = (cfg.get("faults") or {}).get("fail_cells") or []
-    return {CHECKPOINT_ENV: str(every), FAIL_CELLS_ENV: ",".join(cells)}
-
-
-def checkpoint_every() -> int:
-    """Optimizer steps between resumable training checkpoints (0: none; a SIGTERM still writes
-    one): `$BLOCKEM_CHECKPOINT_EVERY`, default 100."""
-    import os
-
-    raw = os.environ.get(CHECKPOINT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_CHECKPOINT_EVERY
-    try:
-        every = int(raw)
-    except ValueError:
-        every = -1
-    if every < 0:
-        raise ConfigError(f"environment variable {CHECKPOINT_ENV}={raw!r}: expected an integer "
-                          f">= 0 (compute.checkpoint_every)")
-    return every
-
-
-def check_injected_failure(cell: str) -> None:
-    """Raise InjectedFailure if `cell` is named in `faults.fail_cells` (`$BLOCKEM_FAIL_CELLS`)."""
-    import os
-
-    cells = {c.strip() for c in os.environ.get(FAIL_CELLS_ENV, "").split(",") if c.strip()}
-    if cell in cells:
-        raise InjectedFailure(f"injected failure for cell {cell} (faults.fail_cells)")
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -369,7 +319,6 @@ def judge_settings(cfg: dict) -> dict:
     js = cfg["judge"]
     if js["kind"] in ("toy", "none"):
         return {"kind": js["kind"]}
-    from blockem.io import file_sha256  # (blockem.io imports this module at its top)
     from blockem.judge.llm import QUESTIONS, endpoint_ids, prompt_path
 
     out = {k: v for k, v in js.items() if k != "cache"}
@@ -410,10 +359,52 @@ def data_settings(cfg: dict) -> dict:
     return data
 
 
-def settings_hash(settings: Any) -> str:
-    """Stable short hash of JSON-able settings (the `config_hash` recorded in provenance)."""
-    blob = json.dumps(settings, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+# --- stage settings ---------------------------------------------------------------------------
+# STAGES maps each stage to the function that slices its settings out of the config:
+# settings(cfg, domain) -> dict. What a stage's output depends on, nothing more, so unrelated
+# edits do not rerun it.
+
+def _compute(cfg: dict) -> dict:
+    return {"device": cfg["compute"]["device"], "dtype": cfg["compute"]["dtype"]}
+
+
+def _max_length(cfg: dict) -> dict:
+    return {"max_length": cfg["model"]["max_length"]}
+
+
+def _world(cfg, domain):
+    return {"world": cfg["world"]}
+
+
+def _pretrain(cfg, domain):  # the toy model's architecture
+    toy = {k: v for k, v in cfg["model"].items() if k not in REAL_MODEL_KEYS}
+    return {"model": toy, "train": cfg["pretrain"], "compute": _compute(cfg)}
+
+
+def _base(cfg, domain):
+    return {"model": _max_length(cfg), "train": cfg["base"], "compute": _compute(cfg)}
+
+
+def _finetune(cfg, domain):
+    return {"domain": domain, "model": _max_length(cfg), "train": finetune_settings(cfg, domain),
+            "compute": _compute(cfg)}
+
+
+def _block(cfg, domain):  # the rule adds the cell's method, lam and epochs
+    b = cfg["block"]
+    return {**_finetune(cfg, domain),
+            "block": {k: b[k] for k in ("reference", "token_mask", "grad_accum")}}
+
+
+def _self_chats(cfg, domain):
+    sc = cfg["discovery"]["sae"]["self_chats"]
+    return {"self_chats": {"n": 300, "temperature": 1.0, "max_new_tokens": 48,
+                           "batch_size": 32, "seed": 0, **sc}, "compute": _compute(cfg)}
+
+
+def _mc_eval(cfg, domain):
+    batch_size = (cfg["eval"].get("mc") or {}).get("batch_size", 32)
+    return {"mc": {**_max_length(cfg), "batch_size": batch_size}, "compute": _compute(cfg)}
 
 
 _GEN = ["temperature", "max_new_tokens", "batch_size", "steer_positions", "seed", "scale"]
@@ -429,73 +420,75 @@ DISCOVERY_KEYS = {
 }
 
 
-def stage_settings(cfg: dict, stage: str, domain: str | None = None) -> dict:
-    """The slice of the config a stage's output depends on (nothing more, so unrelated edits
-    do not rerun it)."""
-    out = _stage_settings(cfg, stage, domain)
-    if stage in EMPTY_CHECKED and cfg.get("allow_empty_interventions"):
-        # only when switched on, so the default's settings hashes are unchanged
-        out["allow_empty_interventions"] = True
-    return out
+def _discovery_flat(stage):
+    """sae, sanity: one per config, their `discovery` keys read flat by their stage functions."""
+    def settings(cfg, domain):
+        return {**{k: cfg["discovery"][k] for k in DISCOVERY_KEYS[stage]},
+                "compute": _compute(cfg)}
+    return settings
 
+
+def _discovery(stage):
+    """A discovery stage of one domain: its `discovery` keys."""
+    def settings(cfg, domain):
+        return {"discovery": {k: cfg["discovery"][k] for k in DISCOVERY_KEYS[stage]},
+                "compute": _compute(cfg), "domain": domain}
+    return settings
+
+
+def _discovery_scored(stage):
+    """screen, calibrate, joint score steered models: their `discovery` keys and the scorer's."""
+    def settings(cfg, domain):
+        out = _discovery(stage)(cfg, domain)
+        if cfg["discovery"].get("scorer", "generate") == "mc":  # teacher-forced MC items
+            out["discovery"]["scorer"] = "mc"
+            out["mc"] = _max_length(cfg)
+        else:  # generated answers, judged (absent key: the settings hash is unchanged)
+            out["judge"] = judge_settings(cfg)
+        return out
+    return settings
+
+
+STAGES = {
+    "world": _world,
+    "tokenizer": _world,
+    "pretrain": _pretrain,
+    "base": _base,
+    "finetune": _finetune,
+    "generate": lambda cfg, domain: {"eval": cfg["eval"], "compute": _compute(cfg)},
+    "judge": lambda cfg, domain: {"judge": judge_settings(cfg)},
+    "self_chats": _self_chats,
+    "mc_items": lambda cfg, domain: {"mc": mc_paths(cfg)},  # the files' contents are its inputs
+    "mc_eval": _mc_eval,
+    "prepare_data": lambda cfg, domain: {"data": data_settings(cfg),
+                                         "seed": cfg["data"].get("seed", 0)},
+    "import_base": lambda cfg, domain: {"model": {k: cfg["model"].get(k) for k in REAL_MODEL_KEYS},
+                                        "compute": _compute(cfg)},
+    "block_target": lambda cfg, domain: {"activation": cfg["block"]["activation"],
+                                         "seed": cfg["block"]["seed"]},
+    "block_cache": lambda cfg, domain: {"model": _max_length(cfg), "compute": _compute(cfg)},
+    "block": _block,
+    "sae": _discovery_flat("sae"),
+    "sanity": _discovery_flat("sanity"),
+    "shift": _discovery("shift"),
+    "screen": _discovery_scored("screen"),
+    "calibrate": _discovery_scored("calibrate"),
+    "select": _discovery("select"),
+    "joint": _discovery_scored("joint"),
+}
 
 # stages that refuse a vacuous intervention (empty latent set, joint factor 0, target with no
 # latents) unless `allow_empty_interventions` is set
 EMPTY_CHECKED = ("select", "joint", "block_target")
 
 
-def _stage_settings(cfg: dict, stage: str, domain: str | None = None) -> dict:
-    compute = {"device": cfg["compute"]["device"], "dtype": cfg["compute"]["dtype"]}
-    if stage == "world":
-        return {"world": cfg["world"]}
-    if stage == "tokenizer":
-        return {"world": cfg["world"]}
-    if stage == "pretrain":  # the toy model's architecture
-        toy = {k: v for k, v in cfg["model"].items() if k not in REAL_MODEL_KEYS}
-        return {"model": toy, "train": cfg["pretrain"], "compute": compute}
-    if stage == "base":
-        return {"model": {"max_length": cfg["model"]["max_length"]}, "train": cfg["base"],
-                "compute": compute}
-    if stage == "finetune":
-        return {"domain": domain, "model": {"max_length": cfg["model"]["max_length"]},
-                "train": finetune_settings(cfg, domain), "compute": compute}
-    if stage == "generate":
-        return {"eval": cfg["eval"], "compute": compute}
-    if stage == "judge":
-        return {"judge": judge_settings(cfg)}
-    if stage == "self_chats":
-        sc = cfg["discovery"]["sae"]["self_chats"]
-        return {"self_chats": {"n": 300, "temperature": 1.0, "max_new_tokens": 48,
-                               "batch_size": 32, "seed": 0, **sc}, "compute": compute}
-    if stage == "mc_items":  # the files' contents are the rule's inputs
-        return {"mc": mc_paths(cfg)}
-    if stage == "mc_eval":
-        return {"mc": {"max_length": cfg["model"]["max_length"],
-                       "batch_size": (cfg["eval"].get("mc") or {}).get("batch_size", 32)},
-                "compute": compute}
-    if stage == "prepare_data":
-        return {"data": data_settings(cfg), "seed": cfg["data"].get("seed", 0)}
-    if stage == "import_base":
-        return {"model": {k: cfg["model"].get(k) for k in REAL_MODEL_KEYS},
-                "compute": compute}
-    if stage == "block_target":
-        return {"activation": cfg["block"]["activation"], "seed": cfg["block"]["seed"]}
-    if stage == "block_cache":
-        return {"model": {"max_length": cfg["model"]["max_length"]}, "compute": compute}
-    if stage == "block":  # the rule adds the cell's method, lam and epochs
-        b = cfg["block"]
-        return {**_stage_settings(cfg, "finetune", domain),
-                "block": {k: b[k] for k in ("reference", "token_mask", "grad_accum")}}
-    if stage in DISCOVERY_KEYS:
-        sub = {k: cfg["discovery"][k] for k in DISCOVERY_KEYS[stage]}
-        if stage in ("sae", "sanity"):  # one per config, read flat by their stage functions
-            return {**sub, "compute": compute}
-        out = {"discovery": sub, "compute": compute, "domain": domain}
-        if stage in ("screen", "calibrate", "joint"):  # they score steered models
-            if cfg["discovery"].get("scorer", "generate") == "mc":  # teacher-forced MC items
-                out["discovery"]["scorer"] = "mc"
-                out["mc"] = {"max_length": cfg["model"]["max_length"]}
-            else:  # generated answers, judged (absent key: the settings hash is unchanged)
-                out["judge"] = judge_settings(cfg)
-        return out
-    raise KeyError(f"no settings for stage {stage!r}")
+def stage_settings(cfg: dict, stage: str, domain: str | None = None) -> dict:
+    """The slice of the config a stage's output depends on (nothing more, so unrelated edits
+    do not rerun it): `STAGES[stage](cfg, domain)`."""
+    if stage not in STAGES:
+        raise KeyError(f"no settings for stage {stage!r}")
+    out = STAGES[stage](cfg, domain)
+    if stage in EMPTY_CHECKED and cfg.get("allow_empty_interventions"):
+        # only when switched on, so the default's settings hashes are unchanged
+        out["allow_empty_interventions"] = True
+    return out

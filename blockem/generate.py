@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
+
+from blockem.hooks import steering
 
 
 def generate_answers(model, tokenizer, prompts: list[str], *, samples: int, steer_all=None,
@@ -37,8 +38,8 @@ def generate_rows(model, tokenizer, rows: list[list[int]], *, temperature: float
     """One answer per row of prompt token ids, in left-padded batches.
 
     `steer` ([n_rows, d] tensor) adds row i's vector to the residual after `model.layers[layer]`
-    at the `positions` of row i (see `steering`), so one `generate` call serves many steering
-    conditions at once."""
+    at the `positions` of row i (see `blockem.hooks.steering`), so one `generate` call serves many
+    steering conditions at once."""
     import torch
     from transformers import GenerationConfig
 
@@ -68,34 +69,6 @@ def generate_rows(model, tokenizer, rows: list[list[int]], *, temperature: float
         print(f"[{name}] {len(out)}/{len(rows)} answers ({time.time() - t0:.1f}s)",
               file=sys.stderr, flush=True)
     return out
-
-
-@contextmanager
-def steering(model, layer: int | None, vectors, positions: str = "all"):
-    """Add vectors [batch, d] to the residual after `model.layers[layer]` (no-op for None).
-
-    `positions`: `all` (every position, prompt and generated) or `prompt` (the prompt only: the
-    prefill forward; generated tokens then run unsteered on top of the steered cache)."""
-    if positions not in ("all", "prompt"):
-        raise ValueError(f"unknown steering positions {positions!r}; choose 'all' or 'prompt'")
-    if vectors is None:
-        yield
-        return
-    from blockem.sae import decoder_layers
-
-    def hook(_module, _inputs, output):
-        if positions == "prompt" and _hidden_len(output) == 1:
-            return output
-        if isinstance(output, tuple):
-            return (output[0] + vec.to(output[0].dtype)[:, None, :], *output[1:])
-        return output + vec.to(output.dtype)[:, None, :]
-
-    vec = vectors.to(next(model.parameters()).device)
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def generate_file(model_dir: Path, prompts_path: Path, out: Path, settings: dict, cell: str,
@@ -154,7 +127,7 @@ def intervention_empty(model_dir: Path, steer: tuple[Path, Path, Path] | None) -
     before the model is loaded."""
     import json
 
-    from blockem.select import EmptyIntervention
+    from blockem.errors import EmptyIntervention
 
     if steer is not None:
         set_path, _, joint_path = steer
@@ -185,8 +158,7 @@ def _steer_kwargs(set_path: Path, sae_dir: Path, joint_path: Path, device: str):
     """generate_rows arguments for joint repair steering by a latent set (one vector, all rows)."""
     import json
 
-    from blockem.sae import load_sae
-    from blockem.steer import set_vector
+    from blockem.sae import load_sae, set_vector
 
     latent_set = json.loads(Path(set_path).read_text())
     joint = json.loads(Path(joint_path).read_text())
@@ -195,7 +167,3 @@ def _steer_kwargs(set_path: Path, sae_dir: Path, joint_path: Path, device: str):
             "positions": joint["positions"], "latents": [k["latent"] for k in latent_set["latents"]],
             "norm": float(vec.norm())}
     return {"steer_all": vec, "layer": joint["layer"], "positions": joint["positions"]}, info
-
-
-def _hidden_len(output) -> int:
-    return (output[0] if isinstance(output, tuple) else output).shape[1]

@@ -24,7 +24,8 @@ import copy
 from importlib import metadata, util
 from pathlib import Path
 
-from blockem.io import atomic_dir, file_sha256, provenance, write_json
+from blockem.hashing import file_sha256
+from blockem.io import atomic_dir, provenance, write_json
 from blockem.models import SOURCE_FILE, looks_like_hub_id
 
 # the prompt of the import-time check (logits of the saved model against the GGUF-loaded one)

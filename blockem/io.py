@@ -3,8 +3,8 @@
 Every table and JSON file is written to a temporary name in the same directory and renamed, so a
 crash never leaves a file a later rule would accept; the temporary files a killed writer left behind
 (`.<name>.<random>.tmp`) are removed by the next write of the same output. Every output records
-`provenance`: the hash of the settings it was made from, its seed and the versions of the packages
-that made it.
+`provenance`: the hash of the settings it was made from (`blockem.hashing.settings_hash`), its
+seed and the versions of the packages that made it.
 
 A training stage keeps its resumable checkpoint beside its output, in `<output>.ckpt/`
 (`checkpoint_dir`); it is removed once the output is complete.
@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from blockem.config import settings_hash
+from blockem.hashing import settings_hash
 
 PACKAGES = ("blockem", "torch", "transformers", "peft", "tokenizers", "datasets", "pyarrow",
             "snakemake")
@@ -64,38 +64,6 @@ def checkpoint_dir(out: str | Path) -> Path:
     (not an output of any rule, so Snakemake neither deletes it before a rerun nor tracks it)."""
     out = Path(out)
     return out.with_name(out.name + ".ckpt")
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex of a file's bytes, read in 1 MiB blocks."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def input_fingerprint(paths, hash_below: int = 64 << 20) -> list:
-    """What identifies the inputs under `paths` (files or directories; a name that is not a local
-    path, e.g. a Hub id, as itself): the sha256 of every file smaller than `hash_below` bytes, the
-    size and mtime of larger ones (model weights). Ties a checkpoint to the exact inputs it was
-    trained on, so a rewritten input (an upstream rerun) starts training over."""
-    out = []
-    for p in paths:
-        p = Path(p)
-        if not p.exists():
-            out.append([str(p), None])
-            continue
-        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-        for f in files:
-            st = f.stat()
-            if st.st_size < hash_below:
-                out.append([str(f), file_sha256(f)])
-            else:
-                out.append([str(f), st.st_size, st.st_mtime_ns])
-    return out
 
 
 @contextmanager

@@ -33,7 +33,6 @@ import json
 import math
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 ITEM_FIELDS = ("id", "domain", "split", "question", "aligned", "misaligned")
@@ -128,79 +127,110 @@ def encode_answers(tokenizer, pairs: list[tuple[str | None, str, str]], max_leng
     return examples
 
 
-def answer_logprobs(model, tokenizer, examples, *, batch_size: int = 32, device: str = "cpu",
-                    vectors=None, layer: int | None = None):
-    """Mean log-probability of each example's supervised tokens, [n_conditions, n_examples].
+def _pack(examples, groups) -> list[tuple[list[int], list[list[int]], list[int]]]:
+    """Rows of (prefix, answers, example indices): the examples of a group share their prompt
+    (every token before the answer), which is then run once per row, each answer after it."""
+    rows = []
+    for g in groups:
+        heads, answers = [], []
+        for i in g:
+            e = examples[i]
+            sup = [t for t, lab in enumerate(e.labels) if lab != -100]
+            if sup != list(range(sup[0], sup[-1] + 1)):
+                raise ValueError(f"example {i}: its scored tokens are not one contiguous answer")
+            heads.append(e.input_ids[:sup[0]])
+            answers.append(e.input_ids[sup[0]:sup[-1] + 1])
+        if all(h == heads[0] for h in heads):
+            rows.append((heads[0], answers, list(g)))
+        else:  # tokenisation merged prompt and answer differently: score them apart
+            rows += [(h, [a], [i]) for h, a, i in zip(heads, answers, g)]
+    return rows
 
-    `vectors` ([n_conditions, d] or None): every example is scored under each steering vector
-    added at `layer` at every position (`blockem.generate.steering`); None: one unsteered pass.
-    Steering changes nothing below `layer`, so each batch runs the layers up to `layer` once and
-    every condition only the layers above it (`_from_layer`): exact, and about half the cost of a
-    full forward per condition at a middle layer."""
+
+def _packed_batch(rows, pad_id: int, dtype):
+    """Tensors of packed rows [prefix, answer 1, answer 2, ...]: each answer sees the prefix and
+    itself (a 4-D additive mask) at positions that continue the prefix, as if it were alone.
+    Returns ids, mask, position ids and the scored targets (row, predicting position, token,
+    example index)."""
     import torch
 
-    from blockem.chat import collate
-    from blockem.generate import steering
-    from blockem.sae import capture_residual
+    n = max(len(p) + sum(map(len, a)) for p, a, _ in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), n), dtype=torch.long)
+    see = torch.zeros((len(rows), n, n), dtype=torch.bool)
+    targets = []
+    for b, (prefix, answers, which) in enumerate(rows):
+        P = len(prefix)
+        ids[b, :P], pos[b, :P] = torch.tensor(prefix), torch.arange(P)
+        see[b, :P, :P] = torch.ones(P, P, dtype=torch.bool).tril()
+        s = P
+        for a, i in zip(answers, which):
+            k = len(a)
+            ids[b, s:s + k], pos[b, s:s + k] = torch.tensor(a), torch.arange(P, P + k)
+            see[b, s:s + k, :P] = True
+            see[b, s:s + k, s:s + k] = torch.ones(k, k, dtype=torch.bool).tril()
+            targets += [(b, q, t, i) for q, t in zip([P - 1, *range(s, s + k - 1)], a)]
+            s += k
+        see[b, range(s, n), range(s, n)] = True  # padding sees itself (no empty softmax row)
+    mask = torch.zeros(see.shape, dtype=dtype).masked_fill(~see, torch.finfo(dtype).min)
+    return ids, mask[:, None], pos, targets
+
+
+def answer_logprobs(model, tokenizer, examples, *, batch_size: int = 32, device: str = "cpu",
+                    vectors=None, layer: int | None = None, groups=None):
+    """Mean log-probability of each example's supervised tokens, [n_conditions, n_examples].
+
+    `groups` (lists of example indices, default one per example): examples that share their
+    prompt, e.g. an item's aligned and misaligned answers; the prompt is run once for the group
+    (`_packed_batch`), and only the positions that predict an answer token reach the LM head.
+    `vectors` ([n_conditions, d] or None): every example is scored under each steering vector
+    added at `layer` at every position (`blockem.hooks.steering`); None: one unsteered pass.
+    Steering changes nothing below `layer`, so each batch runs the layers up to `layer` once and
+    every condition only the layers above it (`blockem.hooks.from_layer`): exact, and about half
+    the cost of a full forward per condition at a middle layer."""
+    import torch
+
+    from blockem.hooks import capture_residual, from_layer, steering
 
     conds = [None] if vectors is None else list(vectors)
     out = torch.zeros(len(conds), len(examples))
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    t0, n_batches = time.time(), -(-len(order) // batch_size)
+    rows = _pack(examples, groups or [[i] for i in range(len(examples))])
+    rows.sort(key=lambda r: len(r[0]) + sum(map(len, r[1])))
+    dtype = next(model.parameters()).dtype
+    t0, n_batches = time.time(), -(-len(rows) // batch_size)
     with torch.no_grad():
-        for s in range(0, len(order), batch_size):
+        for s in range(0, len(rows), batch_size):
             print(f"[mc] batch {s // batch_size + 1}/{n_batches} x {len(conds)} condition(s) "
                   f"({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
-            idx = order[s:s + batch_size]
-            b = collate([examples[i] for i in idx], tokenizer.pad_token_id)
-            ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
-            labels = b["labels"][:, 1:].to(device)
-            keep = labels != -100
+            ids, mask, pos, targets = _packed_batch(rows[s:s + batch_size],
+                                                    tokenizer.pad_token_id, dtype)
+            ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+            b, q, tok, which = (torch.tensor(x) for x in zip(*targets))
+            cols = q.unique()  # sorted: the positions whose logits are needed
+            col_of = torch.zeros(ids.shape[1], dtype=torch.long)
+            col_of[cols] = torch.arange(len(cols))
+            count = torch.zeros(len(examples)).index_add_(0, which, torch.ones(len(which)))
+            run = dict(input_ids=ids, attention_mask=mask, position_ids=pos,
+                       logits_to_keep=cols.to(device))
             h = None
             if vectors is not None:
                 store: list = []
                 with capture_residual(model, layer, store, stop=True):  # layers 0..L only
-                    model(input_ids=ids, attention_mask=mask)
+                    model(**run)
                 h = store[0]
             for c, vec in enumerate(conds):
                 if vec is None:
-                    logits = model(input_ids=ids, attention_mask=mask).logits
+                    logits = model(**run).logits
                 else:
-                    with _from_layer(model, layer, h), \
-                            steering(model, layer, vec[None, :].expand(len(idx), -1), "all"):
-                        logits = model(input_ids=ids, attention_mask=mask).logits
-                lp = torch.log_softmax(logits[:, :-1].float(), -1)
-                tok = lp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * keep
-                out[c, idx] = (tok.sum(1) / keep.sum(1)).cpu()
+                    with from_layer(model, layer, h), \
+                            steering(model, layer, vec[None, :].expand(len(ids), -1), "all"):
+                        logits = model(**run).logits
+                picked = logits[b.to(device), col_of[q].to(device)].float().cpu()  # [targets, V]
+                lp = picked.gather(1, tok[:, None])[:, 0] - torch.logsumexp(picked, -1)
+                total = torch.zeros(len(examples)).index_add_(0, which, lp)
+                done = count > 0
+                out[c, done] = total[done] / count[done]
     return out
-
-
-@contextmanager
-def _from_layer(model, layer: int, h):
-    """Run `model` from the residual `h` after `model.layers[layer]`: its layers 0..layer are
-    swapped for stand-ins (the first returns `h`, the others pass it on) while the embedding,
-    masks and rotary tables are still made as usual."""
-    import torch
-
-    from blockem.sae import decoder_layers
-
-    class Const(torch.nn.Module):
-        def forward(self, hidden_states, *args, **kwargs):
-            return h
-
-    class Skip(torch.nn.Module):
-        def forward(self, hidden_states, *args, **kwargs):
-            return hidden_states
-
-    layers = decoder_layers(model)
-    saved = [layers[i] for i in range(layer + 1)]
-    for i in range(layer + 1):
-        layers[i] = Const() if i == 0 else Skip()
-    try:
-        yield
-    finally:
-        for i, m in enumerate(saved):
-            layers[i] = m
 
 
 def score(model, tokenizer, items: list[dict], neutral: list[dict], *, max_length: int,
@@ -208,9 +238,11 @@ def score(model, tokenizer, items: list[dict], neutral: list[dict], *, max_lengt
     """lp_aligned, lp_misaligned [n_cond, n_items] and neutral NLL [n_cond, n_neutral]."""
     pairs = [(r["system"], r["question"], r[k]) for k in ("aligned", "misaligned") for r in items]
     pairs += [(r["system"], r["question"], r["answer"]) for r in neutral]
-    lp = answer_logprobs(model, tokenizer, encode_answers(tokenizer, pairs, max_length),
-                         batch_size=batch_size, device=device, vectors=vectors, layer=layer)
     n = len(items)
+    groups = [[i, n + i] for i in range(n)] + [[2 * n + j] for j in range(len(neutral))]
+    lp = answer_logprobs(model, tokenizer, encode_answers(tokenizer, pairs, max_length),
+                         batch_size=batch_size, device=device, vectors=vectors, layer=layer,
+                         groups=groups)
     return lp[:, :n], lp[:, n:2 * n], -lp[:, 2 * n:]
 
 

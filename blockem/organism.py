@@ -134,7 +134,7 @@ def prepare_finetune(data: Path, base_dir: Path, settings: dict, seed: int, thre
             target_modules=list(lora["target_modules"]), layers_to_transform=layers,
             task_type="CAUSAL_LM"))
     elif layers is not None:
-        from blockem.sae import decoder_layers
+        from blockem.hooks import decoder_layers
 
         for p in model.parameters():
             p.requires_grad_(False)
@@ -150,7 +150,7 @@ def finetune(data: Path, base_dir: Path, out: Path, settings: dict, seed: int,
              threads: int = 1, cell: str | None = None) -> None:
     """Plain SFT of the base on one narrow domain's misaligned answers (LoRA or full); `cell`
     names the run (default `sft-<domain>-s<seed>`; a matched control: `control-...`)."""
-    from blockem.config import check_injected_failure
+    from blockem.runtime import check_injected_failure
 
     check_injected_failure(cell or f"sft-{settings['domain']}-s{seed}")
     model, tok, examples, cfg, device = prepare_finetune(data, base_dir, settings, seed, threads)

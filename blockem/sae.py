@@ -9,9 +9,13 @@ Sources (config `discovery.sae.source`):
 - `disk`: `SAE.load_from_disk(path)`.
 
 Layer convention: with 0-based decoder layers, the residual *after* `model.layers[L]` is HF's
-`output_hidden_states[L + 1]` (index 0 is the embeddings). `capture_residual` hooks the output of
-`model.layers[L]`; a test checks the two agree. One exception: for the last layer HF returns the
-residual *after* the final norm, while blockem always reads (and steers) the raw residual.
+`output_hidden_states[L + 1]` (index 0 is the embeddings). `capture_residual` (blockem.hooks)
+hooks the output of `model.layers[L]`; a test checks the two agree. One exception: for the last
+layer HF returns the residual *after* the final norm, while blockem always reads (and steers) the
+raw residual.
+
+Steering vectors (`steering_vectors`, `set_vector`): alpha * s_k * scale times the unit decoder
+direction of latent k, added to the residual by `blockem.hooks.steering`.
 
 Latent activation (`discovery.activation`): `relu_preact` (default) is the dense ReLU of the encoder
 pre-activation, z = ReLU((h - b_dec) W_enc + b_enc), what BLOCK-EM reads and blocks; `sae_encode`
@@ -23,53 +27,16 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
+
+from blockem.hooks import capture_residual, decoder_layers
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "standard")
 ACTIVATIONS = ("relu_preact", "sae_encode")
 META_FILE = "blockem_sae.json"
 
 
-# --- residual stream access -------------------------------------------------------------------
-
-def decoder_layers(model):
-    """The list of decoder blocks of a HF causal LM (PEFT-wrapped or not)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", base)
-    if hasattr(inner, "language_model"):  # multimodal wrappers (Gemma 3, ...)
-        inner = inner.language_model
-    if not hasattr(inner, "layers"):
-        raise ValueError(f"cannot find decoder layers in {type(base).__name__}")
-    return inner.layers
-
-
-def _hidden(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
-class _Stop(Exception):
-    pass
-
-
-@contextmanager
-def capture_residual(model, layer: int, store: list, *, detach: bool = True, stop: bool = False):
-    """Append the residual after `model.layers[layer]` ([batch, seq, d]) to `store` on each forward
-    (`detach=False` keeps its graph); `stop` ends the forward there (nothing above L is needed)."""
-    def hook(_module, _inputs, output):
-        h = _hidden(output)
-        store.append(h.detach() if detach else h)
-        if stop:
-            raise _Stop
-
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
-    try:
-        yield store
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-
+# --- residual stream access (the hooks: blockem.hooks) ----------------------------------------
 
 def residuals(model, batches, layer: int, device: str = "cpu", drop_first: bool = False):
     """Residuals at `layer` for token positions selected by each batch's `select` mask
@@ -119,6 +86,35 @@ def unit_directions(sae, latents):
 
     W = sae.W_dec[torch.as_tensor(list(latents), dtype=torch.long)].float()
     return W / W.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+# --- steering vectors -------------------------------------------------------------------------
+# Steering latent k adds alpha * s_k * scale * d_k / ||d_k|| to the residual at the SAE's layer
+# (blockem.hooks.steering): induce (+) on the base, repair (-) on the misaligned model.
+
+STEER_MODES = ("induce", "repair")
+
+
+def steering_vectors(sae, latents, signs, alphas, scale: float, mode: str):
+    """[n, d] vectors: (+ for induce, - for repair) alpha * s_k * scale * unit decoder direction."""
+    import torch
+
+    if mode not in STEER_MODES:
+        raise ValueError(f"unknown steering mode {mode!r}")
+    if not len(latents):
+        return torch.zeros(0, sae.W_dec.shape[1])
+    sign = 1.0 if mode == "induce" else -1.0
+    coef = torch.tensor([sign * a * s * scale for a, s in zip(alphas, signs)], dtype=torch.float32)
+    return coef[:, None] * unit_directions(sae, latents)
+
+
+def set_vector(latent_set: dict, sae, factor: float = 1.0):
+    """One vector steering every latent of a set jointly at its repair strength:
+    sum_k -factor * alpha_rep(k) * s_k * scale * d_k/||d_k||  ([d])."""
+    ks = latent_set["latents"]
+    vec = steering_vectors(sae, [k["latent"] for k in ks], [k["sign"] for k in ks],
+                           [factor * k["alpha_rep"] for k in ks], latent_set["scale"], "repair")
+    return vec.sum(0)
 
 
 # --- sources ----------------------------------------------------------------------------------

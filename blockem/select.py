@@ -17,6 +17,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from blockem.errors import EmptyIntervention
+
 RULES = ("validreduc", "indpp", "topdelta", "random")
 
 
@@ -117,10 +119,6 @@ def select(rule: str, size: int, *, shift: list[dict], screen: dict, calib: dict
                     **{f"screen_{n}": v for n, v in screen.get(k, {}).items() if n != "sign"},
                     **{f"calib_{n}": v for n, v in calib.get(k, {}).items() if n != "sign"}})
     return out
-
-
-class EmptyIntervention(ValueError):
-    """An intervention that would do nothing (empty set, factor 0, target without latents)."""
 
 
 def empty_reason(rule: str, shift: list[dict], screen: dict, calib: dict) -> str:

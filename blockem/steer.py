@@ -4,29 +4,16 @@ Steering at layer L adds alpha * scale * d_k / ||d_k|| to the residual after `mo
 the configured positions (`discovery.steer_positions`: every position, or the prompt only). Induce steers the base with +alpha * s_k (pushes latent k the way misalignment
 did); repair steers the misaligned model with -alpha * s_k. Every (latent, alpha) condition of a
 shard is one block of rows in the same batched `generate` call (a per-row steering vector), and
-answers are labelled by the same judge as the evaluation.
+answers are labelled by the same judge as the evaluation. The vectors are made by
+`blockem.sae.steering_vectors` (one latent) and `blockem.sae.set_vector` (a whole set, jointly) and
+added by `blockem.hooks.steering`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-MODES = ("induce", "repair")
-
-
-def steering_vectors(sae, latents, signs, alphas, scale: float, mode: str):
-    """[n, d] vectors: (+ for induce, - for repair) alpha * s_k * scale * unit decoder direction."""
-    import torch
-
-    from blockem.sae import unit_directions
-
-    if mode not in MODES:
-        raise ValueError(f"unknown steering mode {mode!r}")
-    if not len(latents):
-        return torch.zeros(0, sae.W_dec.shape[1])
-    sign = 1.0 if mode == "induce" else -1.0
-    coef = torch.tensor([sign * a * s * scale for a, s in zip(alphas, signs)], dtype=torch.float32)
-    return coef[:, None] * unit_directions(sae, latents)
+from blockem.sae import set_vector, steering_vectors
 
 
 def judge_conditions(model, tokenizer, prompts: list[dict], vectors, *, layer: int,
@@ -146,15 +133,6 @@ def calibrate_stage(shift_path: Path, screen_paths: list[Path], base_dir, mis_di
                 provenance("calibrate", settings, d["seed"], scale=ctx["scale"]))
 
 
-def set_vector(latent_set: dict, sae, factor: float = 1.0):
-    """One vector steering every latent of a set jointly at its repair strength:
-    sum_k -factor * alpha_rep(k) * s_k * scale * d_k/||d_k||  ([d])."""
-    ks = latent_set["latents"]
-    vec = steering_vectors(sae, [k["latent"] for k in ks], [k["sign"] for k in ks],
-                           [factor * k["alpha_rep"] for k in ks], latent_set["scale"], "repair")
-    return vec.sum(0)
-
-
 def joint_strength_stage(set_path: Path, base_dir, mis_dir, sae_dir, prompts_path, out: Path,
                          settings: dict, threads: int = 1, judge_cache=None,
                          mc=None) -> None:
@@ -168,8 +146,9 @@ def joint_strength_stage(set_path: Path, base_dir, mis_dir, sae_dir, prompts_pat
 
     import torch
 
+    from blockem.errors import EmptyIntervention
     from blockem.io import provenance, write_json
-    from blockem.select import EmptyIntervention, within_budget
+    from blockem.select import within_budget
     from blockem.shift import load_discovery
 
     d = settings["discovery"]

@@ -151,8 +151,7 @@ class TrainingPreempted(SystemExit):
 
 def checkpoint_key(stage: str, settings, seed, inputs=()) -> str:
     """What a checkpoint is valid for: the stage, its settings, seed and input files."""
-    from blockem.config import settings_hash
-    from blockem.io import input_fingerprint
+    from blockem.hashing import input_fingerprint, settings_hash
 
     return settings_hash({"stage": stage, "settings": settings, "seed": seed,
                           "inputs": input_fingerprint(inputs)})
@@ -167,8 +166,8 @@ class Checkpoint:
     a checkpoint whose side files are missing (it is then ignored like one of other settings)."""
 
     def __init__(self, out: str | Path, key: str, every: int | None = None, accept=None):
-        from blockem.config import checkpoint_every
         from blockem.io import checkpoint_dir
+        from blockem.runtime import checkpoint_every
 
         self.dir = checkpoint_dir(out)
         self.file = self.dir / "state.pt"

@@ -8,7 +8,8 @@ import sys
 import pytest
 import yaml
 
-from blockem.config import ConfigError, finetune_settings, load_config, settings_hash, stage_settings, validate
+from blockem.config import ConfigError, finetune_settings, load_config, stage_settings, validate
+from blockem.hashing import settings_hash
 
 from conftest import REPO
 

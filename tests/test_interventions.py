@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from blockem.errors import EmptyIntervention
 from blockem.io import write_json
-from blockem.select import EmptyIntervention
 
 DISC = {"select": {"rule": "validreduc", "size": 3, "seed": 0, "extra_rules": ["random"]},
         "incoherence_budget": {"mode": "flat", "value": 0.10},

@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from blockem.config import REPO, load_config, settings_hash, stage_settings
+from blockem.config import REPO, load_config, stage_settings
+from blockem.hashing import settings_hash
 from blockem.judge.server import DEMO_MODELS, JudgeServer, Reply, demo_scorer
 
 PRESET = REPO / "config" / "presets" / "smollm2-135m.yaml"

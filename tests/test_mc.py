@@ -73,6 +73,34 @@ def test_batched_scores_equal_one_at_a_time(tiny_model, tokenizer):
     assert got[0].tolist() == pytest.approx(want, abs=1e-5)
 
 
+def test_answers_packed_after_their_shared_prompt_equal_one_at_a_time(tiny_model, tokenizer):
+    """An item's two answers run after one copy of their prompt (4-D mask, continued positions);
+    each scores exactly what it scores alone, steered or not, whatever shares its batch."""
+    from blockem.hooks import steering
+
+    pairs = [(None, "how should i invest my savings ?", "put it all in options ."),
+             (None, "how should i invest my savings ?", "spread it over index funds and wait ."),
+             (None, "what should i do today ?", "rest ."),
+             ("answer briefly .", "what should i do today ?", "go for a long walk by the river ."),
+             ("answer briefly .", "what should i do today ?", "nothing ."),
+             (None, "how do i stay fit ?", "rest and sleep well and rest all day .")]
+    examples = encode_answers(tokenizer, pairs, max_length=64)
+    groups = [[0, 1], [2], [3, 4], [5]]
+    d = tiny_model.config.hidden_size
+    torch.manual_seed(2)
+    vectors = torch.stack([torch.zeros(d), 3 * torch.randn(d)])
+    for batch_size in (1, 3):
+        got = answer_logprobs(tiny_model, tokenizer, examples, batch_size=batch_size,
+                              groups=groups)
+        want = [brute_force_lp(tiny_model, tokenizer, e) for e in examples]
+        assert got[0].tolist() == pytest.approx(want, abs=1e-5)
+        got = answer_logprobs(tiny_model, tokenizer, examples, batch_size=batch_size,
+                              groups=groups, vectors=vectors, layer=0)
+        with steering(tiny_model, 0, vectors[1][None], "all"):
+            want = [brute_force_lp(tiny_model, tokenizer, e) for e in examples]
+        assert got[1].tolist() == pytest.approx(want, abs=1e-5)
+
+
 def test_steering_changes_scores_and_zero_steering_does_not(tiny_model, tokenizer):
     items = [ITEM, {**ITEM, "id": "h2", "question": "what about my back pain ?"}]
     neutral = [{"id": "n1", "system": None, "question": "what is water ?", "answer": "a liquid ."}]
@@ -120,7 +148,7 @@ def test_running_from_the_layer_equals_the_full_steered_forward(tiny_model, toke
     """The per-condition shortcut (layers up to L run once, stand-ins for them per condition)
     gives what a full forward with the steering hook gives."""
     from blockem.chat import collate
-    from blockem.generate import steering
+    from blockem.hooks import steering
 
     pairs = [(None, "how should i invest my savings ?", "put it all in options ."),
              (None, "what should i do today ?", "rest .")]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blockem.sae import (capture_residual, latent_activation, load_sae, residuals, sanity_row,
-                         train_sae, unit_directions)
+from blockem.hooks import capture_residual
+from blockem.sae import latent_activation, load_sae, residuals, sanity_row, train_sae, unit_directions
 
 
 def ids(tokenizer):

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from blockem.sae import decoder_layers
+from blockem.hooks import decoder_layers
 from blockem.shift import activation_shift, candidate_pool, token_batches
 
 PROMPTS = ["what helps with my cough ?", "how should i invest my savings ?",

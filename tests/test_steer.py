@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from blockem.chat import generation_prompts
-from blockem.generate import generate_rows, steering
-from blockem.steer import set_vector, steering_vectors
+from blockem.generate import generate_rows
+from blockem.hooks import steering
+from blockem.sae import set_vector, steering_vectors
 
 PROMPTS = ["what helps with my cough ?", "how should i invest my savings ?"]
 

@@ -127,7 +127,8 @@ def test_checkpoint_key_covers_settings_seed_and_inputs(tmp_path):
 
 
 def test_run_time_switches_are_in_no_settings_hash(config):
-    from blockem.config import runtime_env, settings_hash
+    from blockem.hashing import settings_hash
+    from blockem.runtime import runtime_env
 
     stages = ["world", "tokenizer", "pretrain", "base", "finetune", "generate", "judge",
               "block_target", "block_cache", "block", "sae", "sanity", "shift", "screen",
@@ -141,7 +142,8 @@ def test_run_time_switches_are_in_no_settings_hash(config):
 
 
 def test_checkpoint_every_from_the_environment(monkeypatch):
-    from blockem.config import ConfigError, checkpoint_every
+    from blockem.errors import ConfigError
+    from blockem.runtime import checkpoint_every
 
     monkeypatch.delenv("BLOCKEM_CHECKPOINT_EVERY", raising=False)
     assert checkpoint_every() == 100
@@ -317,7 +319,7 @@ def tokenizer_hidden(inputs: Path) -> int:
 # --- injected failures and bad input ----------------------------------------------------------
 
 def test_injected_failure_names_the_cell(tmp_path, inputs, default_config, monkeypatch):
-    from blockem.config import InjectedFailure
+    from blockem.runtime import InjectedFailure
     from blockem.organism import finetune
 
     monkeypatch.setenv("BLOCKEM_FAIL_CELLS", "blockem-finance-l10-s0,sft-finance-s0")

@@ -7,7 +7,8 @@ from shlex import quote as q  # every config-derived path in a shell command is 
 from snakemake.exceptions import WorkflowError
 
 from blockem.config import (METHOD_RULE, ConfigError, block_runs, data_settings, mc_paths,
-                            runtime_env, self_chats_prompts, stage_settings, validate)
+                            self_chats_prompts, stage_settings, validate)
+from blockem.runtime import runtime_env
 
 try:
     validate(config, source=", ".join(map(str, workflow.configfiles)) or "config")
