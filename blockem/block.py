@@ -441,7 +441,7 @@ def cache_stage(data: Path, base_dir: Path, target_path: Path, sae_dir: Path | N
                       str(tmp), metadata=meta)
         return
     tok = load_tokenizer(base_dir)
-    base = load_model(base_dir, device=device).eval()
+    base = load_model(base_dir, device=device, dtype=settings["compute"]["dtype"]).eval()
     examples = encode_chats(tok, [r["messages"] for r in load_rows(data)],
                             max_length=settings["model"]["max_length"])
     z, offsets = compute_cache(base, examples, _reader(target, sae_dir, device, target_path),
@@ -500,7 +500,8 @@ def train_stage(data: Path, base_dir: Path, out: Path, settings: dict, seed: int
     mode = b["reference"]
     base_copy = None
     if mode == "copy" or (method == "kl" and settings["train"]["method"] != "lora"):
-        base_copy = load_model(base_dir, device=device).eval().requires_grad_(False)
+        base_copy = load_model(base_dir, device=device, dtype=settings["compute"]["dtype"])
+        base_copy = base_copy.eval().requires_grad_(False)
     model_ref = ModelReference("copy" if base_copy is not None else "adapter_off", base_copy)
     if method == "kl":
         objective = BlockObjective(kl_lam=lam, kl_reference=model_ref)

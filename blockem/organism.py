@@ -91,7 +91,7 @@ def instruct(world_dir: Path, pretrained_dir: Path, out: Path, settings: dict,
     setup_torch(threads, cfg.seed)
     device = resolve_device(settings["compute"]["device"])
     tok = load_tokenizer(pretrained_dir)
-    model = load_model(pretrained_dir, device=device)
+    model = load_model(pretrained_dir, device=device, dtype=settings["compute"]["dtype"])
     max_len = settings["model"]["max_length"]
     chats = encode_chats(tok, [r["messages"] for r in load_rows(world_dir / "sft.parquet")],
                          max_length=max_len)
@@ -123,7 +123,7 @@ def prepare_finetune(data: Path, base_dir: Path, settings: dict, seed: int, thre
     setup_torch(threads, seed)
     device = resolve_device(settings["compute"]["device"])
     tok = load_tokenizer(base_dir)
-    model = load_model(base_dir, device=device)
+    model = load_model(base_dir, device=device, dtype=settings["compute"]["dtype"])
     layers = None if max_layer is None else list(range(max_layer + 1))
     if s["method"] == "lora":
         from peft import LoraConfig, get_peft_model

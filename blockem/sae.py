@@ -261,7 +261,7 @@ def sae_stage(base_dir: Path, corpus_path, out: Path, settings: dict, threads: i
     setup_torch(threads, s["seed"])
     device = resolve_device(settings["compute"]["device"])
     tok = load_tokenizer(base_dir)
-    base = load_model(base_dir, device=device).eval()
+    base = load_model(base_dir, device=device, dtype=settings["compute"]["dtype"]).eval()
     if layer >= len(decoder_layers(base)):
         raise ValueError(f"discovery.layer {layer} is out of range: the model has "
                          f"{len(decoder_layers(base))} layers (0-based)")
@@ -310,7 +310,8 @@ def sanity_stage(sae_dir: Path, models: dict[str, Path], corpus_path: Path, out:
     rows = []
     for name, path in models.items():
         tok = load_tokenizer(path)
-        model = load_model(path, device=device, merge_adapter=True).eval()
+        model = load_model(path, device=device, dtype=settings["compute"]["dtype"],
+                           merge_adapter=True).eval()
         acts = corpus_residuals(model, tok, corpus_path, settings["sanity_conversations"],
                                 meta["layer"], device, meta.get("drop_first_token", False))
         rows.append({"model": name, "sae": meta["id"], "layer": meta["layer"],

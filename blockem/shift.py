@@ -113,7 +113,7 @@ def load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads: 
     from blockem.sae import load_sae, read_meta, steering_scale
 
     setup_torch(threads, None)
-    device = resolve_device(settings["compute"]["device"])
+    device, dtype = resolve_device(settings["compute"]["device"]), settings["compute"]["dtype"]
     prompts = [r for r in read_checked(prompts_path, PROMPT_COLUMNS, PROMPT_TABLE).to_pylist()
                if r["eval_set"] == "core" and r["domain"] != settings["domain"]]
     meta = read_meta(sae_dir)
@@ -123,11 +123,12 @@ def load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads: 
     # judges: endpoints, keys and prompt files checked before any model load
     judge = Labeller(settings.get("judge") or {"kind": "toy"}, judge_cache)
     return dict(tok=load_tokenizer(base_dir), sae=load_sae(sae_dir, device=device),
-                base=load_model(base_dir, device=device).eval() if with_base else None,
-                mis=load_model(mis_dir, device=device, merge_adapter=True).eval(),
+                base=load_model(base_dir, device=device, dtype=dtype).eval() if with_base else None,
+                mis=load_model(mis_dir, device=device, dtype=dtype, merge_adapter=True).eval(),
                 prompts=prompts, layer=meta["layer"], device=device,
                 scale=steering_scale(meta, settings["discovery"]["scale"]),
-                judge=judge, mc=mc_rows, drop_first=bool(meta.get("drop_first_token", False)), max_length=(settings.get("mc") or {}).get("max_length"))
+                judge=judge, mc=mc_rows, drop_first=bool(meta.get("drop_first_token", False)),
+                max_length=(settings.get("mc") or {}).get("max_length"))
 
 
 def load_mc(settings: dict, mc) -> tuple[list[dict], list[dict]] | None:
