@@ -386,3 +386,27 @@ def test_empty_prompt_set_is_one_error(tmp_path, inputs, default_config):
             str(tmp_path / "gen.parquet"))
     one_error(r, str(tmp_path / "prompts.parquet"), "the prompt set is empty")
     assert not (tmp_path / "gen.parquet").exists()
+
+
+def test_training_runs_in_compute_dtype(inputs, default_config):
+    """compute.dtype reaches training: bfloat16 base weights, float32 LoRA adapters (PEFT keeps
+    adapters in float32), and a step that changes only the adapters."""
+    import math
+
+    import torch
+
+    from blockem.organism import prepare_finetune
+    from blockem.train import train
+
+    s = finetune_settings(default_config, 2)
+    s["compute"]["dtype"] = "bfloat16"
+    model, tok, examples, cfg, device = prepare_finetune(inputs / "data.parquet", inputs / "base",
+                                                         s, seed=0)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    log = train(model, [(examples, 1.0)], cfg, pad_id=tok.pad_token_id)
+    assert len(log) == 2 and all(math.isfinite(r["sft_loss"]) for r in log)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_B" in n or "lora_A" in n for n in changed)
