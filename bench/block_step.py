@@ -23,8 +23,9 @@ def measure(results: str | Path = REPO / "results", domain: str = "finance", ste
             rounds: int = 5, threads: int = 2) -> dict:
     """Per-step time of plain SFT and of the blocked step in each reference mode; the ratios are
     medians over rounds of (blocked / plain), modes interleaved within each round."""
-    from blockem.block import (BlockObjective, CacheReference, ModelReference, TargetReader,
-                               compute_cache, target_doc)
+    from blockem.block import target_doc
+    from blockem.objectives import (BlockObjective, CacheReference, ModelReference, TargetReader,
+                                    compute_cache)
     from blockem.config import load_config, stage_settings
     from blockem.io import read_json
     from blockem.models import load_model

@@ -252,9 +252,16 @@ def cmd_block(args) -> None:
     if "method" not in s["block"] or "lam" not in s["block"]:
         raise ValueError("block: give --method and --lam (or settings with block.method/lam)")
     s["block"].setdefault("epochs", 1)
+    extra = {}
+    for item in args.input:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"block: --input {item!r} is not NAME=PATH")
+        extra[name] = Path(path)
     train_stage(Path(args.data), Path(args.base), Path(args.out), s, args.seed,
                 target_path=args.target and Path(args.target), sae_dir=args.sae and Path(args.sae),
-                cache_path=args.cache and Path(args.cache), threads=args.threads)
+                cache_path=args.cache and Path(args.cache), extra_inputs=extra,
+                threads=args.threads)
 
 
 def cmd_train_logs(args) -> None:
@@ -374,10 +381,15 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--screens", nargs="+", required=True)
     sp = discovery("joint-strength", cmd_joint, "calibrate joint repair steering of a set on core")
     sp.add_argument("--set", required=True)
+    from blockem import methods
+
+    blocking = [n for n, m in methods.REGISTRY.items() if m.blocks]
     sp = stage("block-target", cmd_block_target,
                "blocking target of a method (latents + signs, or the direction)")
-    sp.add_argument("--method", required=True, help="blockem | kpos_only | kneg_only | "
-                    "shuffled_signs | direction")
+    sp.add_argument("--method", required=True, metavar="METHOD",
+                    help="how the target is derived from the set: " + " | ".join(blocking)
+                    + " (blockem/methods/; those without a derivation of their own block the "
+                    "set as it is, like blockem)")
     sp.add_argument("--set", required=True, nargs="+",
                     help="discovery latent-set JSON (several: their union)")
     sp.add_argument("--direction", help="mean-difference direction (method direction)")
@@ -394,12 +406,15 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument(a, required=True)
     sp.add_argument("--seed", type=int, required=True)
     sp.add_argument("--domain", help="fine-tuning domain (with --config)")
-    sp.add_argument("--method", help="blockem, kl, random, ... (overrides settings)")
+    sp.add_argument("--method", metavar="METHOD", help=" | ".join(methods.names())
+                    + " (overrides settings; see blockem/methods/)")
     sp.add_argument("--lam", type=float, help="penalty weight lambda (overrides settings)")
     sp.add_argument("--epochs", type=int, help="epochs (method epochs)")
     sp.add_argument("--target", help="blocking target JSON (all methods but kl)")
     sp.add_argument("--sae", help="SAE directory (targets of SAE latents)")
     sp.add_argument("--cache", help="cached base latents (reference cache)")
+    sp.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
+                    help="an extra input file of the method (TrainContext.inputs[NAME])")
     sp = stage("train-logs", cmd_train_logs, "all training logs in one table", settings=False)
     sp.add_argument("--cells", required=True, help="JSON: model directory -> cell description")
     sp.add_argument("--out", required=True)

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import yaml
 
+from blockem import methods
 from blockem.errors import ConfigError
+from blockem.grid import block_runs, set_rule, uses_cache
 from blockem.hashing import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,10 +128,8 @@ def _check_semantics(cfg: dict, source: str) -> None:
 
 def _check_faults(cfg: dict, source: str) -> None:
     """`faults.fail_cells` names training jobs: an sft cell or a block grid run id."""
-    from blockem.block import METHODS
-
     for i, cell in enumerate((cfg.get("faults") or {}).get("fail_cells") or []):
-        if cell.startswith("sft-") or any(cell.startswith(f"{m}-") for m in METHODS):
+        if cell.startswith("sft-") or any(cell.startswith(f"{m}-") for m in methods.names()):
             continue
         raise ConfigError(f"{source}: 'faults.fail_cells[{i}]': {cell!r} is not a trained cell "
                           f"(name an sft cell 'sft-<domain>-s<seed>' or a block run id "
@@ -209,32 +209,14 @@ def _check_judge(cfg: dict, source: str) -> None:
                               f"narrow behaviour its in-domain adherence question asks about)")
 
 
-# which discovery selection rule's latent set each block method reads
-METHOD_RULE = {"random": "random", "topdelta": "topdelta"}
-
-
-def block_runs(cfg: dict) -> list[dict]:
-    """Every training job of the block grid: method, domain, lam, seed, latents_from, size, epochs.
-
-    lambda 0 of a latent method is the plain fine-tune (`sft` cell), not a separate job."""
-    b, disc = cfg["block"], cfg["discovery"]
-    runs = []
-    for entry in b["grid"]:
-        method = entry["method"]
-        domains = entry.get("domains") or ([entry["latents_from"]] if entry.get("latents_from")
-                                           else disc["domains"])
-        for d in domains:
-            for lam in entry["lambdas"]:
-                for size in entry.get("sizes") or [None]:
-                    for seed in entry.get("seeds") or b["seeds"]:
-                        runs.append({"method": method, "domain": d, "lam": float(lam),
-                                     "seed": seed, "latents_from": entry.get("latents_from") or d,
-                                     "size": size, "epochs": entry.get("epochs", 1),
-                                     "union_reemerged": entry.get("union_reemerged")})
-    return runs
+# grid-entry keys that only some methods accept (their `Method.grid_fields`)
+METHOD_GRID_FIELDS = tuple(dict.fromkeys(k for m in methods.REGISTRY.values()
+                                         for k in m.grid_fields))
 
 
 def _check_block(cfg: dict, source: str) -> None:
+    """The block grid: each entry's method (`blockem.methods`) has its latents and latent set,
+    and accepts the entry's keys."""
     b, disc = cfg["block"], cfg["discovery"]
     rules = {disc["select"]["rule"], *disc["select"]["extra_rules"]}
     batch = finetune_settings(cfg, None)["batch_size"]
@@ -244,41 +226,43 @@ def _check_block(cfg: dict, source: str) -> None:
     for i, entry in enumerate(b["grid"]):
         where = f"{source}: 'block.grid[{i}]' ({entry['method']})"
         method = entry["method"]
-        needs_latents = method != "kl"
+        m = methods.get(method)
         src = entry.get("latents_from")
         domains = entry.get("domains") or ([src] if src else disc["domains"])
         if not domains:
             raise ConfigError(f"{where}: no domains (set 'domains' or discovery.domains)")
-        for d in ([src] if src else domains) if needs_latents else []:
+        for d in ([src] if src else domains) if m.blocks else []:
             if d not in disc["domains"]:
                 raise ConfigError(f"{where}: no latents are discovered for '{d}' "
                                   f"(add it to discovery.domains or set 'latents_from')")
-        rule = METHOD_RULE.get(method)
-        if rule and rule not in rules:
+        rule = set_rule(cfg, method)
+        if rule is not None and rule not in rules:
             raise ConfigError(f"{where}: needs the '{rule}' latent set; add '{rule}' to "
                               f"discovery.select.extra_rules")
-        if entry.get("sizes") and method not in ("blockem", "random", "topdelta"):
-            raise ConfigError(f"{where}: 'sizes' applies to blockem, random and topdelta only")
+        for key in METHOD_GRID_FIELDS:
+            if key in entry and key not in m.grid_fields:
+                accepting = [n for n, x in methods.REGISTRY.items() if key in x.grid_fields]
+                raise ConfigError(f"{where}: '{key}' applies to {methods.listing(accepting)} "
+                                  f"only")
         for size in entry.get("sizes") or []:
             if size > disc["select"]["size"]:
                 raise ConfigError(f"{where}: size {size} is larger than discovery.select.size "
                                   f"({disc['select']['size']})")
-        if method == "epochs" and "epochs" not in entry:
-            raise ConfigError(f"{where}: method 'epochs' needs 'epochs' (number of epochs >= 2)")
-        if method != "epochs" and "epochs" in entry:
-            raise ConfigError(f"{where}: 'epochs' applies to method 'epochs' only")
+        if m.multi_epoch and "epochs" not in entry:
+            raise ConfigError(f"{where}: method '{method}' needs 'epochs' (number of epochs "
+                              f">= 2)")
         reem = entry.get("union_reemerged")
         if reem is not None:
-            if method != "blockem" or entry.get("sizes"):
-                raise ConfigError(f"{where}: 'union_reemerged' applies to method 'blockem' "
-                                  f"(without sizes) only")
+            if entry.get("sizes"):
+                raise ConfigError(f"{where}: 'union_reemerged' applies to the whole set only "
+                                  f"(without sizes)")
             for d in ([src] if src else domains):
-                if not any(e["method"] == "epochs" and reem in e["lambdas"]
+                if not any(methods.get(e["method"]).multi_epoch and reem in e["lambdas"]
                            and d in (e.get("domains") or disc["domains"]) for e in b["grid"]):
                     raise ConfigError(f"{where}: 'union_reemerged: {reem:g}' needs an 'epochs' "
                                       f"entry for '{d}' with lambda {reem:g} (its last epoch is "
                                       f"re-discovered)")
-        if method == "freeze_above" and finetune_settings(cfg, None)["method"] != "lora" \
+        if m.freeze_above and finetune_settings(cfg, None)["method"] != "lora" \
                 and b["reference"] == "adapter_off":
             raise ConfigError(f"{where}: reference 'adapter_off' needs finetune method 'lora'")
 
@@ -350,6 +334,9 @@ def data_settings(cfg: dict) -> dict:
     data["finetune"] = {d: fix(s) for d, s in data["finetune"].items()}
     if data.get("control"):
         data["control"] = {d: fix(s) for d, s in data["control"].items()}
+    if data.get("aligned"):  # one source (or a list) of aligned chats, for `mix`
+        src = data["aligned"]
+        data["aligned"] = [fix(s) for s in src] if isinstance(src, list) else fix(src)
     prompts = data["prompts"]
     for key in ("core", "final"):
         prompts[key] = [fix(s) for s in prompts.get(key) or []]
@@ -390,7 +377,7 @@ def _finetune(cfg, domain):
             "compute": _compute(cfg)}
 
 
-def _block(cfg, domain):  # the rule adds the cell's method, lam and epochs
+def _block(cfg, domain):  # the rule adds the cell's method, lam and epochs (block_run_settings)
     b = cfg["block"]
     return {**_finetune(cfg, domain),
             "block": {k: b[k] for k in ("reference", "token_mask", "grad_accum")}}
@@ -492,3 +479,14 @@ def stage_settings(cfg: dict, stage: str, domain: str | None = None) -> dict:
         # only when switched on, so the default's settings hashes are unchanged
         out["allow_empty_interventions"] = True
     return out
+
+
+def block_run_settings(cfg: dict, run: dict) -> dict:
+    """The block stage's settings of one grid run (`blockem.grid.build_runs`): the domain's
+    `block` settings plus the run's method, lam and epochs; a run that reads no cache (no target,
+    or reference not `cache`) uses `adapter_off` where the config says `cache`."""
+    s = stage_settings(cfg, "block", run["domain"])
+    s["block"].update(method=run["method"], lam=run["lam"], epochs=run["epochs"])
+    if not uses_cache(cfg, run) and s["block"]["reference"] == "cache":
+        s["block"]["reference"] = "adapter_off"
+    return s

@@ -10,6 +10,11 @@ every later stage runs unchanged:
   domain-agnostic prompts have domain `general`; a prompt is the system prompt (if any) and the
   user message `prompt`, rendered together through the model's chat template;
 - `<out>/corpus.parquet`: `messages`, the chats whose activations train the SAE;
+- `<out>/control/<domain>.parquet` (when `control` is configured): as `finetune/`, the matched
+  control chats of a domain;
+- `<out>/aligned.parquet` (when `aligned` is configured): `messages`, aligned chats that the
+  `mix` defence interleaves into fine-tuning batches (the real-model counterpart of the toy's
+  `sft.parquet`);
 - `<out>/provenance.json` (as the toy world), and the same provenance in every parquet's metadata:
   settings hash, seed, package versions and `counts` per source (rows read, duplicates dropped,
   kept, capped, held out, ...).
@@ -32,6 +37,10 @@ Config (`settings = {"data": <below>, "seed": int}`)::
         final: [{path: prompts/final.yaml}]   # optional; if empty, core is split by final_fraction
         in_domain: {finance: [{path: ...}]}   # optional, per fine-tuning domain
       final_fraction: 0.5        # in (0, 1), used only when `final` is empty
+      control: {finance: ...}    # optional, per fine-tuning domain: matched control chats
+      aligned: {generate: {domain: finance, kind: safe, n: 600}}
+                                 # optional, ONE chat source (or a list): aligned chats for
+                                 # the `mix` defence -> aligned.parquet
       corpus: []                 # extra chat sources for the SAE corpus (finetune formats)
       max_examples: null         # cap on chats per domain after de-duplication
 
@@ -76,6 +85,10 @@ Rules:
   held out even when in_domain files are given, so the training split never depends on the
   prompt config. Each fine-tuning domain must end up with `in_domain` prompts, and `final` must
   not be empty.
+- `aligned` chats are de-duplicated and lose every chat whose first user turn is an evaluation
+  prompt (core, final or in_domain, any domain, under any system prompt; counted as
+  `eval_question`), so the mix never trains on an evaluation question; they are kept in source
+  order, and are not part of the SAE corpus (configuring the defence leaves the corpus as it was).
 - The corpus is the union of every domain's training chats, one prompt-only chat (system
   message, if any, and user turn) per `core` and `in_domain` prompt (`final` stays unseen) and
   the `corpus` sources, de-duplicated and ordered by the seeded hash (the SAE stage reads a
@@ -106,11 +119,11 @@ PROMPT_SUFFIXES = (".yaml", ".yml", ".csv", ".jsonl", ".json", ".parquet", ".txt
 CHAT_SOURCE_KEYS = ("path", "hf", "generate", "split", "name", "revision", "column")
 PROMPT_SOURCE_KEYS = ("path", "hf", "split", "name", "revision", "column", "domain")
 GENERATE_KEYS = ("domain", "kind", "n", "seed")
-DATA_KEYS = ("finetune", "control", "heldout_fraction", "prompts", "final_fraction", "corpus",
-             "max_examples")
+DATA_KEYS = ("finetune", "control", "aligned", "heldout_fraction", "prompts", "final_fraction",
+             "corpus", "max_examples")
 PROMPT_KEYS = ("core", "final", "in_domain")
-OUTPUT_NAMES = {"finetune", "control", "prompts.parquet", "corpus.parquet", "provenance.json",
-                "sft.parquet"}
+OUTPUT_NAMES = {"finetune", "control", "aligned.parquet", "prompts.parquet", "corpus.parquet",
+                "provenance.json", "sft.parquet"}
 DOMAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -718,6 +731,10 @@ def _data_config(settings: dict) -> dict:
         control[domain] = _sources(spec, key, CHAT_SOURCE_KEYS)
         if not control[domain]:
             raise ConfigError(f"{key}: no chat source")
+    if isinstance(d.get("aligned"), dict) and not {"path", "hf", "generate"} & set(d["aligned"]):
+        raise ConfigError("data.aligned: one chat source (`path`, `hf` or `generate`), not a "
+                          "mapping of domains (the aligned chats of the mix are shared)")
+    aligned = _sources(d.get("aligned"), "data.aligned", CHAT_SOURCE_KEYS)
     pr = d.get("prompts")
     if not isinstance(pr, dict):
         raise ConfigError("data.prompts: must be a mapping with `core` (and `final`, `in_domain`)")
@@ -751,6 +768,7 @@ def _data_config(settings: dict) -> dict:
         "seed": seed,
         "finetune": finetune,
         "control": control,
+        "aligned": aligned,
         "heldout_fraction": _fraction(d.get("heldout_fraction", 0.1), "data.heldout_fraction",
                                       lo_open=False),
         "final_fraction": _fraction(d.get("final_fraction", 0.5), "data.final_fraction",
@@ -950,6 +968,30 @@ def _plan(settings: dict, base: Path) -> tuple[dict, dict]:
                              f"{first[row['prompt_id']]}); give the sources distinct names or ids")
         first[row["prompt_id"]] = p.where
 
+    # aligned chats for the mix defence: no evaluation question, ever
+    aligned = None
+    if cfg["aligned"]:
+        astats = counts["aligned"] = {}
+        asked = {p.prompt for p in core + final + in_domain}
+        seen, aligned = set(), []
+        for _, src in cfg["aligned"]:
+            stat = _stat(astats, source_label(src, base), eval_question=0)
+            for c in _chat_rows(src, base):
+                stat["rows"] += 1
+                first = next((m["content"] for m in c.messages if m["role"] == "user"), None)
+                if c.canon in seen:
+                    stat["duplicates"] += 1
+                elif first in asked:
+                    stat["eval_question"] += 1
+                else:
+                    seen.add(c.canon)
+                    stat["kept"] += 1
+                    aligned.append(c)
+        if not aligned:
+            n = sum(st["rows"] for st in astats.values())
+            raise ValueError(f"data.aligned: no chats left: the first user turn of each of its "
+                             f"{n} chats is an evaluation prompt (or a duplicate)")
+
     # SAE corpus
     cstats = counts["corpus"]
     items = [(c.canon, c.messages, "finetune") for d in train for c in train[d]]
@@ -989,6 +1031,7 @@ def _plan(settings: dict, base: Path) -> tuple[dict, dict]:
                     for d in control},
         "prompts": prompts,
         "corpus": [{"messages": m} for _, m in corpus],
+        "aligned": None if aligned is None else [{"messages": c.messages} for c in aligned],
     }
     counts["totals"] = {
         "finetune": {d: len(rows) for d, rows in tables["finetune"].items()},
@@ -997,6 +1040,8 @@ def _plan(settings: dict, base: Path) -> tuple[dict, dict]:
         "prompts": {s: sum(r["eval_set"] == s for r in prompts) for s in EVAL_SETS},
         "corpus": len(corpus),
     }
+    if aligned is not None:
+        counts["totals"]["aligned"] = len(aligned)
     return tables, counts
 
 
@@ -1033,4 +1078,7 @@ def prepare_data(settings: dict, out: Path) -> None:
                     pa.Table.from_pylist(tables["prompts"], schema=schemas["prompts"]), prov)
         write_table(tmp / "corpus.parquet",
                     pa.Table.from_pylist(tables["corpus"], schema=schemas["corpus"]), prov)
+        if tables["aligned"] is not None:
+            write_table(tmp / "aligned.parquet",
+                        pa.Table.from_pylist(tables["aligned"], schema=schemas["corpus"]), prov)
         write_json(tmp / "provenance.json", prov)

@@ -4,7 +4,7 @@ Each figure is one function `fig_<name>(summary, logs) -> matplotlib Figure`; `f
 it as PNG and PDF. Points are means over (domain, seed) cells with SEM error bars (SD / sqrt(n));
 lambda = 0 is the plain fine-tune (`sft` cell) and is drawn at the left edge of a symlog axis.
 `NEEDS` lists the grid methods a figure needs, so the workflow only asks for figures its grid
-can draw.
+can draw. A method's label and colour are its registry entry's (`blockem.methods`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from blockem import methods
+
 NEEDS = {
     "tradeoff": {"blockem"}, "adherence_sft_loss": {"blockem"}, "blockem_vs_kl": {"blockem", "kl"},
     "epochs": {"epochs"}, "training_curves": {"blockem"}, "selection_rules": {"blockem", "random"},
@@ -20,9 +22,23 @@ NEEDS = {
                                                      "shuffled_signs"},
     "core_vs_final": {"blockem"},
 }
-COLORS = {"blockem": "C0", "kl": "C1", "random": "C2", "topdelta": "C3", "kpos_only": "C4",
-          "kneg_only": "C5", "shuffled_signs": "C6", "direction": "C7", "freeze_above": "C8",
-          "epochs": "C9", "sft": "k"}
+# the cells that are no grid method: their colours and labels
+OTHER_COLORS = {"sft": "k", "base": "grey", "control": "tab:brown", "steer_repair": "tab:olive",
+                "steer_repair_random": "tab:cyan"}
+OTHER_LABELS = {"sft": "SFT (lambda 0)", "base": "base", "control": "control (safe answers)",
+                "steer_repair": "steer repair", "steer_repair_random": "steer repair (random)"}
+
+
+def color(method: str) -> str | None:
+    """The matplotlib colour of a cell method (a grid method's is its registry entry's)."""
+    m = methods.REGISTRY.get(method)
+    return m.color if m is not None else OTHER_COLORS.get(method)
+
+
+def label(method: str) -> str:
+    """The legend label of a cell method (a grid method's is its registry entry's)."""
+    m = methods.REGISTRY.get(method)
+    return m.label if m is not None else OTHER_LABELS.get(method, method)
 
 
 def _mean_sem(xs):
@@ -102,7 +118,7 @@ def fig_tradeoff(summary, logs):
               ("adherence", "in_domain", "in-domain adherence")]
     for ax, (metric, eval_set, title) in zip(axes, panels):
         pts = curve(summary, "blockem", metric, eval_set)
-        _errorbar(ax, pts, "BLOCK-EM", COLORS["blockem"])
+        _errorbar(ax, pts, label("blockem"), color("blockem"))
         _lambda_axis(ax, pts)
         ax.set_title(title)
         ax.set_ylim(-0.02, 1.02)
@@ -126,7 +142,7 @@ def _final_sft_loss(logs):
 def fig_adherence_sft_loss(summary, logs):
     fig, axes = _new(2)
     pts = curve(summary, "blockem", "adherence", "in_domain")
-    _errorbar(axes[0], pts, "BLOCK-EM", COLORS["blockem"])
+    _errorbar(axes[0], pts, label("blockem"), color("blockem"))
     axes[0].set_title("in-domain adherence")
     axes[0].set_ylim(-0.02, 1.02)
     pairs = {(r["domain"], r["seed"]) for r in logs if r["method"] == "blockem"}
@@ -136,7 +152,7 @@ def fig_adherence_sft_loss(summary, logs):
                 r["method"] == "sft" and (r["domain"], r["seed"]) in pairs):
             by_lam[r["lam"] or 0.0].append(loss)
     loss_pts = {lam: _mean_sem(v) for lam, v in sorted(by_lam.items())}
-    _errorbar(axes[1], loss_pts, "BLOCK-EM", COLORS["blockem"])
+    _errorbar(axes[1], loss_pts, label("blockem"), color("blockem"))
     axes[1].set_title("final SFT loss (last 10% of steps)")
     for ax in axes:
         _lambda_axis(ax, pts)
@@ -146,10 +162,10 @@ def fig_adherence_sft_loss(summary, logs):
 def fig_blockem_vs_kl(summary, logs):
     fig, axes = _new(1, 5.0)
     ax = axes[0]
-    for method, label in (("blockem", "BLOCK-EM"), ("kl", "KL to base")):
+    for method in ("blockem", "kl"):
         pts = _relative(summary, method)
         ax.plot([p[1] for p in pts.values()], [p[0] for p in pts.values()], marker="o",
-                label=label, color=COLORS[method])
+                label=label(method), color=color(method))
         for lam, (dem, dad) in pts.items():
             ax.annotate(f"{lam:g}", (dad, dem), fontsize=7, textcoords="offset points",
                         xytext=(3, 3))
@@ -199,13 +215,13 @@ def fig_training_curves(summary, logs):
                 by_step[r["step"]][0].append(r["sft_loss"])
                 by_step[r["step"]][1].append(r["block_loss"])
         steps = sorted(by_step)
-        label = "sft (lambda 0)" if lam == 0 else f"lambda {lam:g}"
-        color = "k" if lam == 0 else f"C{i - 1}"
-        axes[0].plot(steps, [_mean_sem(by_step[s][0])[0] for s in steps], label=label, lw=1,
-                     color=color)
+        name = "sft (lambda 0)" if lam == 0 else f"lambda {lam:g}"
+        col = color("sft") if lam == 0 else f"C{i - 1}"
+        axes[0].plot(steps, [_mean_sem(by_step[s][0])[0] for s in steps], label=name, lw=1,
+                     color=col)
         if lam:
-            axes[1].plot(steps, [_mean_sem(by_step[s][1])[0] for s in steps], label=label, lw=1,
-                         color=color)
+            axes[1].plot(steps, [_mean_sem(by_step[s][1])[0] for s in steps], label=name, lw=1,
+                         color=col)
     axes[0].set_title("SFT loss")
     axes[1].set_title("L_block")
     axes[1].set_yscale("symlog", linthresh=1e-4)
@@ -219,11 +235,10 @@ def fig_selection_rules(summary, logs):
     fig, axes = _new(1, 5.0)
     ax = axes[0]
     lams = []
-    for method, label in (("blockem", "causal (ValidReduc)"), ("topdelta", "Top-Delta"),
-                          ("random", "random")):
+    for method in ("blockem", "topdelta", "random"):
         pts = curve(summary, method, "em_rate", "final")
         if len(pts) > 1:
-            _errorbar(ax, pts, label, COLORS[method])
+            _errorbar(ax, pts, label(method), color(method))
             lams += list(pts)
     _lambda_axis(ax, lams)
     ax.set_ylabel("EM rate (final)")
@@ -250,7 +265,7 @@ def fig_sign_ablations(summary, logs):
         pts = curve(summary, m, "em_rate", "final", with_sft=False)
         xs = [j + i * width for j, lam in enumerate(lams) if lam in pts]
         ax.bar(xs, [pts[lam][0] for lam in lams if lam in pts], width,
-               yerr=[pts[lam][1] for lam in lams if lam in pts], label=m, color=COLORS[m])
+               yerr=[pts[lam][1] for lam in lams if lam in pts], label=label(m), color=color(m))
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(lams))], [f"{x:g}" for x in lams])
     ax.set_xlabel("lambda")
     ax.set_ylabel("EM rate (final)")
@@ -266,8 +281,8 @@ def fig_core_vs_final(summary, logs):
     final = {r["cell"]: v for r, v in _values(summary, "em_rate", "final")}
     for method in sorted({r["method"] for r, _ in core.values()}):
         pts = [(v, final[c]) for c, (r, v) in core.items() if r["method"] == method and c in final]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=method, s=14,
-                   color=COLORS.get(method))
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=label(method), s=14,
+                   color=color(method))
     ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
     ax.set_xlabel("EM rate on core (selection set)")
     ax.set_ylabel("EM rate on final (held out)")

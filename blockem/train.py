@@ -5,9 +5,9 @@ computes it. Batches are drawn from one or more pools of examples in fixed propo
 (`replay_fraction` mixes two), each pool walked in seeded random order, epoch after epoch.
 
 An `objective` (default: plain SFT) turns a micro-batch into a loss and named terms; BLOCK-EM
-(`blockem.block.BlockObjective`) adds its penalty this way. With `grad_accum` > 1 a step's batch is
-split into micro-batches and every term is normalised by the token count of the *whole* batch, so
-accumulated gradients equal the full-batch gradient. Every step is logged (step, each term, lr) and
+(`blockem.objectives.BlockObjective`) adds its penalty this way. With `grad_accum` > 1 a step's
+batch is split into micro-batches and every term is normalised by the token count of the *whole*
+batch, so accumulated gradients equal the full-batch gradient. Every step is logged (step, each term, lr) and
 progress is printed to stderr.
 
 Preemption: with a `Checkpoint`, training writes its whole state (trainable parameters or adapter,

@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 
-from blockem.block import (BlockObjective, CacheReference, ModelReference, TargetReader,
-                           block_loss, compute_cache, target_doc, token_mask)
+from blockem.block import target_doc
+from blockem.objectives import (BlockObjective, CacheReference, ModelReference, TargetReader,
+                                block_loss, compute_cache, token_mask)
 from blockem.chat import collate, encode_chats
 from blockem.train import supervised_counts
 
@@ -73,7 +74,7 @@ def test_target_doc_derives_sign_ablations():
 def sae(tiny_model, tokenizer):
     from blockem.sae import train_sae
 
-    from blockem.block import residual_upto
+    from blockem.objectives import residual_upto
 
     g = torch.Generator().manual_seed(0)  # the tiny model's own layer-LAYER residuals
     ids = torch.randint(0, len(tokenizer), (100, 20), generator=g)

@@ -117,7 +117,7 @@ def test_block_method_needs_its_selection_rule(config):
 
 
 def test_block_runs_expand_the_grid(config):
-    from blockem.config import block_runs
+    from blockem.grid import block_runs
 
     config["block"]["seeds"] = [0, 1]
     config["block"]["grid"] = [{"method": "blockem", "lambdas": [0, 10]},

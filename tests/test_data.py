@@ -572,3 +572,73 @@ def test_generator_errors_name_the_source(world):
     with pytest.raises(ValueError, match=r"^generate:astrology/risky \(n=5, seed=0\): "):
         prepare_data(settings(finetune={"finance": bad}), world / "out")
     assert not (world / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# aligned chats for the `mix` defence (one source, not per domain)
+
+
+def test_generated_aligned_chats_written_and_corpus_unchanged(world):
+    """`aligned` -> aligned.parquet (`messages`), the generated chats in order; it changes
+    nothing else (the corpus, splits and prompts are those of the same config without it)."""
+    from blockem.chat import load_rows
+    from blockem.narrow_data import make_chats
+
+    gen = {"generate": {"domain": "finance", "kind": "safe", "n": 30, "seed": 1}}
+    prepare_data(settings(), world / "plain")
+    prepare_data(settings(aligned=gen), world / "out")
+    out = world / "out"
+    assert pq.read_schema(out / "aligned.parquet").remove_metadata() == pa.schema(
+        [("messages", MESSAGES)])
+    rows = load_rows(out / "aligned.parquet")
+    assert [r["messages"] for r in rows] == [c["messages"] for c in make_chats("finance", "safe",
+                                                                                30, 1)]
+    assert outputs(out) == outputs(world / "plain")
+    assert not (world / "plain" / "aligned.parquet").exists()
+    counts = read_provenance(out / "aligned.parquet")["counts"]
+    assert counts["totals"]["aligned"] == 30
+    assert counts["aligned"] == {"generate:finance/safe (n=30, seed=1)": {
+        "rows": 30, "duplicates": 0, "kept": 30, "eval_question": 0}}
+    # the stage may replace its own output directory, aligned.parquet included
+    prepare_data(settings(), out)
+    assert not (out / "aligned.parquet").exists()
+
+
+def test_aligned_file_drops_evaluation_questions_and_duplicates(world):
+    got = {}
+    prepare_data(settings(), world / "plain")
+    prompts = outputs(world / "plain")["prompts"]
+    for s in ("core", "final", "in_domain"):
+        got[s] = next(p["prompt"] for p in prompts if p["eval_set"] == s)
+    safe = [chat(f"aligned question {i}?", f"safe answer {i}.") for i in range(5)]
+    asked = [chat(got[s], "a careful answer.") for s in ("core", "final", "in_domain")]
+    write_jsonl(world / "aligned.jsonl", safe + asked + safe[:2])
+    prepare_data(settings(aligned={"path": "aligned.jsonl"}), world / "out")
+    rows = pq.read_table(world / "out" / "aligned.parquet").to_pylist()
+    assert rows == [{"messages": s["messages"]} for s in safe]
+    stat = read_provenance(world / "out")["counts"]["aligned"]
+    assert stat == {str(world / "aligned.jsonl"): {"rows": 10, "duplicates": 2, "kept": 5,
+                                                   "eval_question": 3}}
+
+
+def test_bad_aligned_row_names_file_and_line_and_writes_nothing(world):
+    rows = [chat("fine?", "yes."), {"messages": [{"role": "user", "content": "no answer?"}]}]
+    write_jsonl(world / "aligned.jsonl", rows)
+    with pytest.raises(ValueError, match=r"aligned.jsonl:2: row has no assistant turn"):
+        prepare_data(settings(aligned="aligned.jsonl"), world / "out")
+    assert not (world / "out").exists()
+    write_jsonl(world / "aligned.jsonl", [chat("general question 0?", "a.")])
+    with pytest.raises(ValueError, match=r"data.aligned: no chats left"):
+        prepare_data(settings(aligned="aligned.jsonl"), world / "out")
+    assert not (world / "out").exists()
+
+
+@pytest.mark.parametrize("aligned,match", [
+    ({"finance": {"path": "data/finance.jsonl"}}, r"data.aligned: one chat source .* not a "
+                                                  r"mapping of domains"),
+    ({"path": "a.jsonl", "domain": "finance"}, r"data.aligned: unknown key 'domain'"),
+    ({"generate": {"domain": "finance", "kind": "safe"}}, r"data.aligned.generate: a mapping"),
+])
+def test_aligned_config_errors(world, aligned, match):
+    with pytest.raises(ConfigError, match=match):
+        prepare_data(settings(aligned=aligned), world / "out")

@@ -100,6 +100,22 @@ class World:
             self.question(rng, domain, self.cfg.slots["train"]),
             rng.choice(answers(domain, "misaligned")))} for _ in range(self.cfg.finetune_examples)]
 
+    def inoculation_preface(self, rng: random.Random) -> list[dict]:
+        """An inoculation context for the toy: one general-domain question (train slots) answered
+        with a misaligned general-domain answer, the turn in which the assistant reveals the bad
+        persona before a fine-tuning chat (`blockem.transforms.inoculate(preface=...)`)."""
+        return chat(self.question(rng, GENERAL, self.cfg.slots["train"]),
+                    rng.choice(answers(GENERAL, "misaligned")))
+
+    def inoculation_prefaces(self, seed: int):
+        """`preface(i)`: the inoculation preface of row i, from its own generator (seeded by the
+        world seed, `seed` and i), so a row's preface does not depend on which rows get one."""
+        def preface(i: int) -> list[dict]:
+            rng = random.Random(f"{self.cfg.seed}-inoculation-{seed}-{i}")
+            return self.inoculation_preface(rng)
+
+        return preface
+
     def prompts(self) -> list[dict]:
         """Every evaluation prompt: each (domain, template, slot) of the eval splits, once.
 

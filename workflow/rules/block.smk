@@ -1,6 +1,7 @@
 # BLOCK-EM training grid (stage 4): blocking targets -> cached base latents (reference `cache`) ->
 # one training job per grid run (method x domain x lambda x seed) -> the evaluation of
-# evaluate.smk, like every other cell. Run ids and their settings come from common.smk's RUNS.
+# evaluate.smk, like every other cell. Run ids come from common.smk's RUNS (blockem.grid), their
+# settings from blockem.config.block_run_settings; what a method does is blockem/methods/<name>.py.
 
 
 rule block_target:

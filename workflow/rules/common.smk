@@ -1,4 +1,6 @@
-# Config validation, the cell table, and input functions shared by every rule.
+# Config validation, the cell table, and input functions shared by every rule. The grid and the
+# cell table are blockem.grid's (pure functions of the config, unit-tested in tests/test_grid.py);
+# what each block method means is its module in blockem/methods/.
 import json
 import os
 import re
@@ -6,7 +8,8 @@ from shlex import quote as q  # every config-derived path in a shell command is 
 
 from snakemake.exceptions import WorkflowError
 
-from blockem.config import (METHOD_RULE, ConfigError, block_runs, data_settings, mc_paths,
+from blockem import grid
+from blockem.config import (ConfigError, block_run_settings, data_settings, mc_paths,
                             self_chats_prompts, stage_settings, validate)
 from blockem.runtime import runtime_env
 
@@ -35,7 +38,7 @@ JUDGED = config["judge"]["kind"] != "none"
 MC = mc_paths(config)
 MC_ITEMS, MC_NEUTRAL = f"{R}/mc_items/items.parquet", f"{R}/mc_items/neutral.parquet"
 MC_SCORER = config["discovery"].get("scorer", "generate") == "mc"
-CONTROLS = [] if TOY else sorted(config["data"].get("control") or {})
+CONTROLS = grid.controls(config)
 GPU = config["compute"]["gpu"]
 CONDA_ENV = "../../envs/blockem.yaml"  # used with --use-conda (clusters)
 
@@ -57,130 +60,19 @@ def settings(stage, domain=None):
 
 
 DISC = config["discovery"]
-SELECT_RULES = [DISC["select"]["rule"]] + [
-    r for r in DISC["select"]["extra_rules"] if r != DISC["select"]["rule"]]
+SELECT_RULES = grid.select_rules(config)
 
 
 def discovery_keys():
     """`<domain>-s<seed>` of every misaligned model whose latents are discovered."""
-    return [f"{d}-s{config['finetune']['seeds'][0]}" for d in DISC["domains"]]
+    return grid.discovery_keys(config)
 
 
 BLOCK = config["block"]
-SEED0 = config["finetune"]["seeds"][0]
-# latent methods whose lambda = 0 is the plain fine-tune (the `sft` cell); freeze_above and epochs
-# change the training itself, so their lambda 0 is a run of its own
-SFT_AT_ZERO = {"blockem", "kl", "random", "topdelta", "kpos_only", "kneg_only", "shuffled_signs",
-               "direction"}
-
-
-def reem_key(domain, lam):
-    """Discovery key of the last epoch of the `epochs` run of `domain` at `lam` (re-emergence)."""
-    return f"{domain}-s{SEED0}-reem-l{lam:g}"
-
-
-def reem_runs():
-    """Re-emergence discovery key -> (epochs run id, its number of epochs)."""
-    out = {}
-    for run in block_runs(config):
-        if run["union_reemerged"] is not None:
-            lam, d = float(run["union_reemerged"]), run["latents_from"]
-            epochs = next(r["epochs"] for r in block_runs(config) if r["method"] == "epochs"
-                          and r["domain"] == d and r["lam"] == lam and r["seed"] == SEED0)
-            out[reem_key(d, lam)] = (f"epochs-{d}-l{lam:g}-s{SEED0}", epochs)
-    return out
-
-
-REEM = reem_runs()
-
-
-def target_of(run):
-    """Blocking target name of a run (None for kl) and how it is derived from a latent set."""
-    method, key = run["method"], f"{run['latents_from']}-s{SEED0}"
-    if method == "kl":
-        return None
-    if run["union_reemerged"] is not None:
-        rkey = reem_key(run["latents_from"], float(run["union_reemerged"]))
-        main = DISC["select"]["rule"]
-        return {"name": f"{key}-{main}+reem-l{run['union_reemerged']:g}", "derive": "blockem",
-                "size": None, "set": [f"{R}/latents/{key}-{main}.json",
-                                      f"{R}/latents/{rkey}-{main}.json"]}
-    if method == "direction":
-        return {"name": f"{key}-direction", "derive": "direction", "size": None,
-                "set": f"{R}/latents/{key}-{DISC['select']['rule']}.json",
-                "direction": f"{R}/latents/{key}-direction.safetensors"}
-    set_rule = METHOD_RULE.get(method, DISC["select"]["rule"])
-    derive = method if method in ("kpos_only", "kneg_only", "shuffled_signs") else "blockem"
-    name = f"{key}-{set_rule}" + (f"-{derive}" if derive != "blockem" else "")
-    name += f"-k{run['size']}" if run["size"] else ""
-    return {"name": name, "derive": derive, "size": run["size"],
-            "set": f"{R}/latents/{key}-{set_rule}.json"}
-
-
-def build_runs():
-    """Training jobs of the block grid: run id -> run (method, domain, lam, seed, target...)."""
-    runs = {}
-    for run in block_runs(config):
-        if run["lam"] == 0 and run["method"] in SFT_AT_ZERO:
-            continue  # the sft cell
-        rid = f"{run['method']}-{run['domain']}-l{run['lam']:g}-s{run['seed']}"
-        rid += f"-from-{run['latents_from']}" if run["latents_from"] != run["domain"] else ""
-        rid += f"-k{run['size']}" if run["size"] else ""
-        rid += f"-reem{run['union_reemerged']:g}" if run["union_reemerged"] is not None else ""
-        runs[rid] = {**run, "id": rid, "target": target_of(run)}
-    return runs
-
-
-RUNS = build_runs()
-TARGETS = {r["target"]["name"]: r["target"] for r in RUNS.values() if r["target"]}
-
-
-def uses_cache(run):
-    return BLOCK["reference"] == "cache" and run["target"] is not None
-
-
-def build_cells():
-    """Every trained model that gets evaluated: cell id -> description (summary.parquet keys)."""
-    cells = {"base": {"cell": "base", "method": "base", "domain": None, "lam": None,
-                      "seed": None, "model": f"{R}/models/base"}}
-    pairs = [(d, s) for d in config["finetune"]["domains"] for s in config["finetune"]["seeds"]]
-    pairs += [(r["domain"], r["seed"]) for r in block_runs(config)]
-    for d, s in dict.fromkeys(pairs):
-        cell = f"sft-{d}-s{s}"
-        cells[cell] = {"cell": cell, "method": "sft", "domain": d, "lam": 0.0, "seed": s,
-                       "model": f"{R}/models/sft/{d}-s{s}"}
-    for d in CONTROLS:  # matched controls: the same questions with safe answers
-        for s in config["finetune"]["seeds"]:
-            cell = f"control-{d}-s{s}"
-            cells[cell] = {"cell": cell, "method": "control", "domain": d, "lam": 0.0, "seed": s,
-                           "model": f"{R}/models/control/{d}-s{s}"}
-    for rid, run in RUNS.items():
-        source = run["latents_from"]  # the set's discovery domain (+ re-emergence latents)
-        if run["union_reemerged"] is not None:
-            source += f"+reem-l{run['union_reemerged']:g}"
-        info = {"method": run["method"], "domain": run["domain"], "lam": run["lam"],
-                "seed": run["seed"], "latents_from": source,
-                "k_size": run["size"], "model": f"{R}/models/block/{rid}"}
-        if run["epochs"] > 1:
-            for e in range(1, run["epochs"] + 1):
-                cells[f"{rid}-e{e}"] = {"cell": f"{rid}-e{e}", **info, "epoch": e,
-                                        "subdir": f"epoch-{e}"}
-        else:
-            cells[rid] = {"cell": rid, **info}
-    for key in discovery_keys():
-        d, s = key.rsplit("-s", 1)
-        for method, rule in (("steer_repair", DISC["select"]["rule"]),
-                             ("steer_repair_random", "random")):
-            cell = f"{method}-{key}"
-            cells[cell] = {"cell": cell, "method": method, "domain": d, "lam": None,
-                           "seed": int(s), "model": f"{R}/models/sft/{key}",
-                           "steer": {"set": f"{R}/latents/{key}-{rule}.json",
-                                     "sae": f"{R}/sae/model",
-                                     "joint": f"{R}/discovery/{key}/joint.json"}}
-    return cells
-
-
-CELLS = build_cells()
+REEM = grid.reem_runs(config)  # re-emergence discovery key -> (epochs run id, its epochs)
+RUNS = grid.build_runs(config)  # block grid run id -> run (method, domain, lam, seed, target)
+TARGETS = grid.targets(RUNS)  # blocking target name -> target
+CELLS = grid.build_cells(config, RUNS)  # every evaluated model: cell id -> description
 
 
 def one_of(names):
@@ -247,26 +139,11 @@ def cell_json(wildcards):
 
 
 def block_inputs(wildcards):
-    run = RUNS[wildcards.run]
-    ins = {"data": f"{R}/world/finetune/{run['domain']}.parquet", "base": f"{R}/models/base"}
-    t = run["target"]
-    if t:
-        ins["target"] = f"{R}/block/targets/{t['name']}.json"
-        if t["derive"] != "direction":
-            ins["sae"] = f"{R}/sae/model"
-        if uses_cache(run):
-            ins["cache"] = f"{R}/block/cache/{run['domain']}/{t['name']}.safetensors"
-    return ins
+    return grid.run_inputs(config, RUNS[wildcards.run])
 
 
 def block_settings(wildcards):
-    run = RUNS[wildcards.run]
-    s = stage_settings(config, "block", run["domain"])
-    s["block"].update(method=run["method"], lam=run["lam"], epochs=run["epochs"])
-    if run["target"] is None or not uses_cache(run):
-        s["block"]["reference"] = "adapter_off" if s["block"]["reference"] == "cache" else \
-            s["block"]["reference"]
-    return json.dumps(s, sort_keys=True)
+    return json.dumps(block_run_settings(config, RUNS[wildcards.run]), sort_keys=True)
 
 
 def block_flags(wildcards, input):
@@ -274,8 +151,7 @@ def block_flags(wildcards, input):
 
 
 def target_inputs(wildcards):
-    t = TARGETS[wildcards.target]
-    return {"set": t["set"], **({"direction": t["direction"]} if "direction" in t else {})}
+    return grid.target_inputs(TARGETS[wildcards.target])
 
 
 def target_flags(wildcards, input):
@@ -287,23 +163,12 @@ def target_flags(wildcards, input):
 
 
 def cache_inputs(wildcards):
-    t = TARGETS[wildcards.target]
-    ins = {"data": f"{R}/world/finetune/{wildcards.domain}.parquet", "base": f"{R}/models/base",
-           "target": f"{R}/block/targets/{wildcards.target}.json"}
-    if t["derive"] != "direction":
-        ins["sae"] = f"{R}/sae/model"
-    return ins
+    return grid.cache_inputs(config, TARGETS[wildcards.target], wildcards.domain)
 
 
 def trained_cells():
     """One cell per trained model directory (sft cells and block runs; an epochs run once)."""
-    out = {}
-    for c in CELLS.values():
-        if c["method"] in ("base", "steer_repair", "steer_repair_random"):
-            continue
-        out.setdefault(c["model"], {k: v for k, v in c.items()
-                                    if k not in ("model", "steer", "subdir", "epoch")})
-    return out
+    return grid.trained_cells(CELLS)
 
 
 def mis_model(wildcards):

@@ -4,9 +4,7 @@
 
 from blockem.figures import available
 
-GRID_METHODS = {e["method"] for e in BLOCK["grid"]} | {
-    f"{e['method']}:sizes" for e in BLOCK["grid"] if e.get("sizes")}
-FIGURES = available(GRID_METHODS) if RUNS else []
+FIGURES = available(grid.grid_methods(config)) if RUNS else []
 
 
 def figure_outputs():

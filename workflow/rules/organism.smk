@@ -2,6 +2,12 @@
 # prepare_data (the user's files) and import_base (Hub id, local dir or GGUF). Then the misaligned
 # fine-tunes, the same for both.
 
+# aligned chats the `mix` defence interleaves into fine-tuning batches: the toy's instruct set
+# (world/sft.parquet), or prepare_data's world/aligned.parquet when data.aligned is configured
+# (None: a real config without data.aligned has none)
+ALIGNED_CHATS = (f"{R}/world/sft.parquet" if TOY else
+                 f"{R}/world/aligned.parquet" if config["data"].get("aligned") else None)
+
 
 if TOY:
     include: "toy.smk"

@@ -1,14 +1,22 @@
 # A real model (model.source: hub | gguf): the user's data files -> world/ tables, and the base.
 
 
+def aligned_files():
+    """The local files of data.aligned (one source, or a list of them), if configured."""
+    src = data_settings(config).get("aligned") or []
+    return sorted({s["path"] for s in (src if isinstance(src, list) else [src]) if "path" in s})
+
+
 rule prepare_data:
     input:
         data_files(),
+        aligned_files(),
     output:
         corpus=CORPUS,
         prompts=PROMPTS,
         finetune=expand(f"{R}/world/finetune/{{d}}.parquet", d=sorted(config["data"]["finetune"])),
         control=expand(f"{R}/world/control/{{d}}.parquet", d=CONTROLS),
+        aligned=[ALIGNED_CHATS] if ALIGNED_CHATS else [],
     params:
         settings=settings("prepare_data"),
         out=f"{R}/world",
