@@ -277,6 +277,13 @@ def cmd_figure(args) -> None:
                 Path(args.pdf))
 
 
+def cmd_compare(args) -> None:
+    from blockem.compare import compare_stage
+
+    compare_stage(Path(args.summary), Path(args.out), metrics=args.metrics, budget=args.budget,
+                  min_adherence_change=args.min_adherence_change)
+
+
 def cmd_summary(args) -> None:
     from blockem.metrics import summarise
 
@@ -423,6 +430,21 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     for a in ("--summary", "--train-logs", "--png", "--pdf"):
         sp.add_argument(a, required=True)
+    from blockem.compare import BUDGET, MIN_ADHERENCE_CHANGE
+
+    sp = stage("compare", cmd_compare, "every method against sft: EM reduction vs adherence "
+               "change, best point within the incoherence budget (comparison.parquet/.md)",
+               settings=False)
+    sp.add_argument("--summary", required=True, help="metrics/summary.parquet")
+    sp.add_argument("--out", required=True, help="directory for comparison.parquet and .md")
+    sp.add_argument("--metrics", choices=("auto", "judged", "mc"), default="auto",
+                    help="judged rates or judge-free MC metrics (auto: judged when present)")
+    sp.add_argument("--budget", type=float,
+                    help=f"incoherence budget over sft (default {BUDGET['judged']:g} judged, "
+                    f"{BUDGET['mc']:g} nats MC)")
+    sp.add_argument("--min-adherence-change", type=float, default=MIN_ADHERENCE_CHANGE,
+                    help="lowest mean adherence change of a best point (default %(default)s: "
+                    ">= 80%% of sft's)")
     from blockem.judge import GENERATIONS_HELP
 
     sp = stage("judge", cmd_judge, "label generated answers (the pipeline's or your own: "

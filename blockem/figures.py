@@ -3,8 +3,11 @@
 Each figure is one function `fig_<name>(summary, logs) -> matplotlib Figure`; `figure_file` writes
 it as PNG and PDF. Points are means over (domain, seed) cells with SEM error bars (SD / sqrt(n));
 lambda = 0 is the plain fine-tune (`sft` cell) and is drawn at the left edge of a symlog axis.
-`NEEDS` lists the grid methods a figure needs, so the workflow only asks for figures its grid
-can draw. A method's label and colour are its registry entry's (`blockem.methods`).
+`NEEDS` lists the grid methods a figure needs (or a test of the grid's methods), so the workflow
+only asks for figures its grid can draw. A method's label and colour are its registry entry's
+(`blockem.methods`). Judge-free runs draw the MC metrics in the judged ones' places (`MC_AS`),
+except the figures of `RAW`, which read the summary as it is (`fig_methods`: `blockem.compare`
+picks the judged or MC metrics, and their incoherence budget, itself).
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ NEEDS = {
     "em_vs_k": {"blockem:sizes"}, "sign_ablations": {"blockem", "kpos_only", "kneg_only",
                                                      "shuffled_signs"},
     "core_vs_final": {"blockem"},
+    # every method against sft (blockem.compare): blockem and at least one other grid method
+    "methods": lambda ms: "blockem" in ms and len({m for m in ms if ":" not in m}) >= 2,
 }
+RAW = {"methods"}  # figures that read the summary's own metrics (no MC_AS mapping)
 # the cells that are no grid method: their colours and labels
 OTHER_COLORS = {"sft": "k", "base": "grey", "control": "tab:brown", "steer_repair": "tab:olive",
                 "steer_repair_random": "tab:cyan"}
@@ -291,6 +297,55 @@ def fig_core_vs_final(summary, logs):
     return fig
 
 
+def fig_methods(summary, logs):
+    """Normalised EM reduction against adherence change, every compared method (one marker per
+    strength, joined in strength order; SEM bars on both axes), the best point within the
+    incoherence budget ringed, strengths over budget hollow (`blockem.compare`)."""
+    from blockem.compare import comparison_rows
+
+    fig, axes = _new(1, 6.4)
+    fig.set_size_inches(6.4, 4.8)
+    ax = axes[0]
+    rows = [r for r in comparison_rows(summary) if not r["skipped"]]
+    zero = lambda x: 0.0 if x is None or math.isnan(x) else x  # noqa: E731  (SEM of one pair)
+    ax.scatter([0], [0], marker="s", color=color("sft"), zorder=3, label=label("sft"))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = [r for r in rows if r["method"] == method]
+        col = color(method)
+        m = methods.REGISTRY.get(method)
+        xs = [r["adherence_change_mean"] for r in pts]
+        ys = [r["em_reduction_mean"] for r in pts]
+        if m is None or m.sft_at_zero:  # strength 0 is the sft cell: the curve starts there
+            line, = ax.plot([0.0, *xs], [0.0, *ys], lw=1, color=col, label=label(method))
+        else:
+            line, = ax.plot(xs, ys, lw=1, color=col, label=label(method))
+        col = line.get_color()
+        for r, x, y in zip(pts, xs, ys):
+            ax.errorbar([x], [y], xerr=[zero(r["adherence_change_sem"])],
+                        yerr=[zero(r["em_reduction_sem"])], marker="o", ms=5, capsize=2,
+                        color=col, mfc=col if r["within_budget"] else "white", lw=0.8)
+            ax.annotate(f"{r['strength_value']:g}", (x, y), fontsize=6,
+                        textcoords="offset points", xytext=(3, 3))
+            if r["best"]:
+                ax.scatter([x], [y], s=180, facecolors="none", edgecolors=col, linewidths=1.6,
+                           zorder=4, linestyles="--" if r["note"] else "-")
+    ax.axhline(1, color=color("base"), lw=0.6, ls="--", label="base EM")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    if rows:
+        lim = rows[0]["budget"]
+        unit = " nats" if rows[0]["metrics"] == "mc" else ""
+        least = rows[0]["min_adherence_change"]
+        ax.axvline(least, color="grey", lw=0.5, ls=":")
+        ax.set_title(f"Methods vs SFT (mean ± SEM). Ringed: best within incoherence budget "
+                     f"+{lim:g}{unit}\n(dashed: adherence < {100 * (1 + least):g}%); hollow: "
+                     "over budget; labels: strength", fontsize=7)
+    ax.set_xlabel("adherence change  Ad / Ad_sft - 1")
+    ax.set_ylabel("EM reduction  (EM_sft - EM) / (EM_sft - EM_base)")
+    ax.legend(fontsize=6)
+    return fig
+
+
 FIGURES = {name: globals()[f"fig_{name}"] for name in NEEDS}
 
 
@@ -300,7 +355,8 @@ MC_AS = {"mc_em_rate": "em_rate", "mc_adherence": "adherence", "mc_nll_shift": "
 
 def available(methods: set[str]) -> list[str]:
     """Figures a grid with these methods (and 'blockem:sizes' for a size sweep) can draw."""
-    return [name for name, need in NEEDS.items() if need <= methods]
+    return [name for name, need in NEEDS.items()
+            if (need(methods) if callable(need) else need <= methods)]
 
 
 def figure_file(name: str, summary_path: Path, logs_path: Path, png: Path, pdf: Path) -> None:
@@ -311,14 +367,14 @@ def figure_file(name: str, summary_path: Path, logs_path: Path, png: Path, pdf: 
 
     if name not in FIGURES:
         raise ValueError(f"unknown figure {name!r}; choose from {sorted(FIGURES)}")
-    summary = pq.read_table(summary_path).to_pylist()
+    summary = raw = pq.read_table(summary_path).to_pylist()
     logs = pq.read_table(logs_path).to_pylist()
     mc_only = not any(r["metric"] == "em_rate" for r in summary)
     if mc_only:  # a judge-free run: draw the MC metrics in the judged metrics' places
         summary = [{**r, "metric": MC_AS[r["metric"]],
                     "eval_set": "final" if r["metric"] == "mc_nll_shift" else r["eval_set"]}
                    for r in summary if r["metric"] in MC_AS]
-    fig = FIGURES[name](summary, logs)
+    fig = FIGURES[name](raw if name in RAW else summary, logs)
     if mc_only:
         fig.suptitle("judge-free (MC items): EM = MC EM rate, adherence = MC adherence, "
                      "incoherence = neutral NLL shift (nats)", fontsize=7)

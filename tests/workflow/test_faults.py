@@ -145,7 +145,7 @@ def test_failed_cell_reruns_alone(tmp_path):
     figures = {f"figure_{f}": 1 for f in available({"blockem", "kl"})}
     assert planned_jobs(r.stdout) == {"block_train": 1, "generate": 1, "judge": 1,
                                       "cell_metrics": 1, "summary": 1, "train_logs": 1,
-                                      **figures, "all": 1}, r.stdout
+                                      **figures, "compare": 1, "all": 1}, r.stdout
     assert f"output: results/models/block/{FAIL}" in r.stdout
 
     snakemake(work, configfiles=(SMOKE, trim))

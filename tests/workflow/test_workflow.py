@@ -26,7 +26,7 @@ from runner import REPO, SMOKE, planned_jobs, snakemake
 BLOCK_CELLS = {"blockem-finance-l10-s0": ("blockem", 10.0), "random-finance-l10-s0": ("random", 10.0),
                "kl-finance-l1-s0": ("kl", 1.0)}
 FIGURES = {"tradeoff", "adherence_sft_loss", "blockem_vs_kl", "training_curves", "selection_rules",
-           "core_vs_final"}
+           "core_vs_final", "methods"}
 
 
 # the smoke run's results directory has a space and a shell metacharacter: every config-derived
@@ -112,7 +112,7 @@ def test_changing_one_domain_reruns_only_its_cells(smoke_run, tmp_path):
     jobs = planned_jobs(r.stdout)
     figures = {f"figure_{f}": 1 for f in FIGURES}
     assert jobs == {"finetune": 1, "generate": 1, "judge": 1, "cell_metrics": 1, "summary": 1,
-                    "train_logs": 1, **figures, "all": 1}, r.stdout
+                    "train_logs": 1, **figures, "compare": 1, "all": 1}, r.stdout
     assert f"output: {RESULTS}/models/sft/health-s0" in r.stdout
     assert f"output: {RESULTS}/models/sft/finance-s0" not in r.stdout
 
@@ -171,6 +171,11 @@ def test_block_grid_outputs(smoke_run):
     for name in FIGURES:
         for ext in ("png", "pdf"):
             assert (res / "figures" / f"{name}.{ext}").stat().st_size > 1000, name
+    # the method comparison (blockem/compare.py): every grid method, sft/base/steering not
+    comparison = pq.read_table(res / "metrics" / "comparison.parquet").to_pylist()
+    assert {r["method"] for r in comparison} == {m for m, _ in BLOCK_CELLS.values()}
+    assert read_provenance(res / "metrics" / "comparison.parquet")["stage"] == "compare"
+    assert "## Best point per method" in (res / "metrics" / "comparison.md").read_text()
 
 
 def test_report_holds_the_figures(smoke_run, tmp_path):
