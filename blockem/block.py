@@ -202,8 +202,9 @@ def train_stage(data: Path, base_dir: Path, out: Path, settings: dict, seed: int
     cfg = TrainConfig.from_dict({**settings["train"], "steps": cfg.steps * epochs,
                                  "grad_accum": b.get("grad_accum", 1)}, seed=seed)
     mode = b["reference"]
-    base_copy = None
-    if mode == "copy" or (m.objective == "kl" and settings["train"]["method"] != "lora"):
+    base_copy = None  # a plain-SFT method (an intervention in its hook or pools) needs no base
+    if m.objective != "sft" and (mode == "copy" or (m.objective == "kl"
+                                                    and settings["train"]["method"] != "lora")):
         base_copy = load_model(base_dir, device=device, dtype=settings["compute"]["dtype"])
         base_copy = base_copy.eval().requires_grad_(False)
     model_ref = ModelReference("copy" if base_copy is not None else "adapter_off", base_copy)

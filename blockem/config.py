@@ -18,7 +18,7 @@ import yaml
 
 from blockem import methods
 from blockem.errors import ConfigError
-from blockem.grid import block_runs, set_rule, uses_cache
+from blockem.grid import aligned_chats, block_runs, build_runs, entry_domains, set_rule, uses_cache
 from blockem.hashing import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,9 +214,18 @@ METHOD_GRID_FIELDS = tuple(dict.fromkeys(k for m in methods.REGISTRY.values()
                                          for k in m.grid_fields))
 
 
+def config_view(cfg: dict, domains) -> methods.ConfigView:
+    """What a method's `check` / `run_settings` see of the config, for runs on `domains`."""
+    toy = is_toy(cfg)
+    return methods.ConfigView(toy=toy, world=copy.deepcopy(cfg["world"]) if toy else None,
+                              batch_size={d: finetune_settings(cfg, d)["batch_size"]
+                                          for d in domains})
+
+
 def _check_block(cfg: dict, source: str) -> None:
     """The block grid: each entry's method (`blockem.methods`) has its latents and latent set,
-    and accepts the entry's keys."""
+    accepts the entry's keys and strengths (`Method.check`) and has its inputs (aligned chats);
+    no two entries train the same run."""
     b, disc = cfg["block"], cfg["discovery"]
     rules = {disc["select"]["rule"], *disc["select"]["extra_rules"]}
     batch = finetune_settings(cfg, None)["batch_size"]
@@ -228,7 +237,7 @@ def _check_block(cfg: dict, source: str) -> None:
         method = entry["method"]
         m = methods.get(method)
         src = entry.get("latents_from")
-        domains = entry.get("domains") or ([src] if src else disc["domains"])
+        domains = entry_domains(cfg, entry)
         if not domains:
             raise ConfigError(f"{where}: no domains (set 'domains' or discovery.domains)")
         for d in ([src] if src else domains) if m.blocks else []:
@@ -265,6 +274,23 @@ def _check_block(cfg: dict, source: str) -> None:
         if m.freeze_above and finetune_settings(cfg, None)["method"] != "lora" \
                 and b["reference"] == "adapter_off":
             raise ConfigError(f"{where}: reference 'adapter_off' needs finetune method 'lora'")
+        if m.needs == "aligned_data" and aligned_chats(cfg) is None:
+            raise ConfigError(f"{where}: method '{method}' trains on aligned chats: set "
+                              f"'data.aligned' (a chat source, e.g. {{generate: {{domain: "
+                              f"health, kind: safe, n: 640}}}})")
+        if m.check is not None:
+            try:
+                m.check(entry, config_view(cfg, entry_domains(cfg, entry)))
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from None
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(b["grid"]):
+        one = {**cfg, "block": {**b, "grid": [entry]}}
+        for rid in build_runs(one):
+            if rid in seen and seen[rid] != i:
+                raise ConfigError(f"{source}: 'block.grid[{seen[rid]}]' and 'block.grid[{i}]' "
+                                  f"both train run '{rid}' (one entry per run)")
+            seen[rid] = i
 
 
 def finetune_settings(cfg: dict, domain: str | None) -> dict:
@@ -394,6 +420,16 @@ def _mc_eval(cfg, domain):
     return {"mc": {**_max_length(cfg), "batch_size": batch_size}, "compute": _compute(cfg)}
 
 
+def _prepare(cfg, aligned: bool):
+    """prepare_data's settings. The workflow's world/ tables do not depend on data.aligned (without
+    it the settings are unchanged: adding the `mix` defence reruns nothing); `prepare_aligned` runs
+    the same stage with it, into a directory of its own, for aligned.parquet alone."""
+    data = data_settings(cfg)
+    if not aligned:
+        data.pop("aligned", None)
+    return {"data": data, "seed": cfg["data"].get("seed", 0)}
+
+
 _GEN = ["temperature", "max_new_tokens", "batch_size", "steer_positions", "seed", "scale"]
 DISCOVERY_KEYS = {
     "sae": ["layer", "sae"],
@@ -447,8 +483,8 @@ STAGES = {
     "self_chats": _self_chats,
     "mc_items": lambda cfg, domain: {"mc": mc_paths(cfg)},  # the files' contents are its inputs
     "mc_eval": _mc_eval,
-    "prepare_data": lambda cfg, domain: {"data": data_settings(cfg),
-                                         "seed": cfg["data"].get("seed", 0)},
+    "prepare_data": lambda cfg, domain: _prepare(cfg, aligned=False),
+    "prepare_aligned": lambda cfg, domain: _prepare(cfg, aligned=True),
     "import_base": lambda cfg, domain: {"model": {k: cfg["model"].get(k) for k in REAL_MODEL_KEYS},
                                         "compute": _compute(cfg)},
     "block_target": lambda cfg, domain: {"activation": cfg["block"]["activation"],
@@ -483,10 +519,15 @@ def stage_settings(cfg: dict, stage: str, domain: str | None = None) -> dict:
 
 def block_run_settings(cfg: dict, run: dict) -> dict:
     """The block stage's settings of one grid run (`blockem.grid.build_runs`): the domain's
-    `block` settings plus the run's method, lam and epochs; a run that reads no cache (no target,
-    or reference not `cache`) uses `adapter_off` where the config says `cache`."""
+    `block` settings plus the run's method, lam and epochs, and the method's own settings under its
+    name (`Method.run_settings`, e.g. inoculation's context); a run that reads no cache (no target,
+    no penalty, or reference not `cache`) uses `adapter_off` where the config says `cache`."""
     s = stage_settings(cfg, "block", run["domain"])
     s["block"].update(method=run["method"], lam=run["lam"], epochs=run["epochs"])
     if not uses_cache(cfg, run) and s["block"]["reference"] == "cache":
         s["block"]["reference"] = "adapter_off"
+    m = methods.get(run["method"])
+    if m.run_settings is not None:  # only this method's runs: other settings hashes unchanged
+        s[m.name] = m.run_settings(dict(run.get("options") or {}),
+                                   config_view(cfg, [run["domain"]]))
     return s

@@ -14,7 +14,9 @@ every later stage runs unchanged:
   control chats of a domain;
 - `<out>/aligned.parquet` (when `aligned` is configured): `messages`, aligned chats that the
   `mix` defence interleaves into fine-tuning batches (the real-model counterpart of the toy's
-  `sft.parquet`);
+  `sft.parquet`). The workflow writes world/ without `aligned` (`prepare_data`) and runs the
+  stage again with it into aligned/ (`prepare_aligned`), so configuring the defence changes no
+  world/ table and reruns nothing but the mix;
 - `<out>/provenance.json` (as the toy world), and the same provenance in every parquet's metadata:
   settings hash, seed, package versions and `counts` per source (rows read, duplicates dropped,
   kept, capped, held out, ...).

@@ -21,6 +21,12 @@ from blockem import methods
 # the name a target derived "as is" from its latent set is written under (`block-target --method`):
 # BLOCK-EM's own; a method with a `derive` function has targets of its own name
 AS_IS = "blockem"
+# the name the mean-difference direction target is written under (every method that needs the
+# direction trains against the same file)
+DIRECTION = "direction"
+# grid-entry keys the grid expands into runs (one run per size, ...); a method's other
+# grid_fields are handed to its runs as `options` (`Method.run_settings`)
+EXPANDED = ("sizes", "epochs", "union_reemerged")
 
 
 def seed0(cfg: dict) -> int:
@@ -50,24 +56,33 @@ def controls(cfg: dict) -> list[str]:
     return sorted(cfg["data"].get("control") or {})
 
 
+def entry_domains(cfg: dict, entry: dict) -> list[str]:
+    """The fine-tune domains a grid entry trains: `domains`, else `latents_from`'s, else
+    discovery.domains."""
+    return entry.get("domains") or ([entry["latents_from"]] if entry.get("latents_from")
+                                    else cfg["discovery"]["domains"])
+
+
 def block_runs(cfg: dict) -> list[dict]:
-    """Every training job of the block grid: method, domain, lam, seed, latents_from, size, epochs.
+    """Every training job of the block grid: method, domain, lam, seed, latents_from, size, epochs,
+    and `options` (the entry's values of the method's other grid_fields, e.g. `system`).
 
     lambda 0 of a latent method is the plain fine-tune (`sft` cell), not a separate job."""
-    b, disc = cfg["block"], cfg["discovery"]
+    b = cfg["block"]
     runs = []
     for entry in b["grid"]:
         method = entry["method"]
-        domains = entry.get("domains") or ([entry["latents_from"]] if entry.get("latents_from")
-                                           else disc["domains"])
-        for d in domains:
+        fields = methods.get(method).grid_fields
+        options = {k: entry[k] for k in fields if k in entry and k not in EXPANDED}
+        for d in entry_domains(cfg, entry):
             for lam in entry["lambdas"]:
                 for size in entry.get("sizes") or [None]:
                     for seed in entry.get("seeds") or b["seeds"]:
                         runs.append({"method": method, "domain": d, "lam": float(lam),
                                      "seed": seed, "latents_from": entry.get("latents_from") or d,
                                      "size": size, "epochs": entry.get("epochs", 1),
-                                     "union_reemerged": entry.get("union_reemerged")})
+                                     "union_reemerged": entry.get("union_reemerged"),
+                                     "options": dict(options)})
     return runs
 
 
@@ -109,7 +124,7 @@ def target_of(cfg: dict, run: dict) -> dict | None:
                 "size": None, "set": [f"{R}/latents/{key}-{main}.json",
                                       f"{R}/latents/{rkey}-{main}.json"]}
     if m.needs == "direction":
-        return {"name": f"{key}-direction", "derive": m.name, "size": None,
+        return {"name": f"{key}-direction", "derive": DIRECTION, "size": None,
                 "set": f"{R}/latents/{key}-{main}.json",
                 "direction": f"{R}/latents/{key}-direction.safetensors"}
     rule = set_rule(cfg, m.name)
@@ -146,12 +161,37 @@ def targets(runs: dict[str, dict]) -> dict[str, dict]:
 
 
 def uses_cache(cfg: dict, run: dict) -> bool:
-    """Whether a run reads its base latents from a cache (reference `cache`, a target)."""
-    return cfg["block"]["reference"] == "cache" and run["target"] is not None
+    """Whether a run reads its base latents from a cache (reference `cache`, a target, and the
+    BLOCK-EM penalty: a method that trains with plain SFT inside a hook reads none)."""
+    return (cfg["block"]["reference"] == "cache" and run["target"] is not None
+            and methods.get(run["method"]).objective == "block")
+
+
+def aligned_chats(cfg: dict) -> str | None:
+    """The aligned chats of the `mix` defence: the toy's instruct set, or, when data.aligned is
+    configured, the aligned.parquet of the `prepare_aligned` job (prepare_data with data.aligned,
+    in aligned/: world/ stays as it was) (None: a real config without data.aligned)."""
+    R = cfg["results"]
+    if cfg["model"].get("source", "toy") == "toy":
+        return f"{R}/world/sft.parquet"
+    return f"{R}/aligned/aligned.parquet" if (cfg.get("data") or {}).get("aligned") else None
+
+
+def method_inputs(cfg: dict, run: dict) -> dict[str, str]:
+    """A run's extra input files by name (`block --input NAME=PATH`, TrainContext.inputs): the
+    aligned chats of a method that needs them."""
+    if methods.get(run["method"]).needs == "aligned_data":
+        path = aligned_chats(cfg)
+        if path is None:
+            raise ValueError(f"{run_id(run)}: method {run['method']!r} needs aligned chats: "
+                             f"set data.aligned")
+        return {"aligned": path}
+    return {}
 
 
 def run_inputs(cfg: dict, run: dict) -> dict[str, str]:
-    """Input files of a run's training job: data, base, and its target, SAE and cache."""
+    """Input files of a run's training job: data, base, its target, SAE and cache, and its
+    method's extra inputs (`method_inputs`)."""
     R = cfg["results"]
     ins = {"data": f"{R}/world/finetune/{run['domain']}.parquet", "base": f"{R}/models/base"}
     t = run["target"]
@@ -161,7 +201,7 @@ def run_inputs(cfg: dict, run: dict) -> dict[str, str]:
             ins["sae"] = f"{R}/sae/model"
         if uses_cache(cfg, run):
             ins["cache"] = f"{R}/block/cache/{run['domain']}/{t['name']}.safetensors"
-    return ins
+    return {**ins, **method_inputs(cfg, run)}
 
 
 def target_inputs(target: dict) -> dict:

@@ -6,7 +6,8 @@ Layer convention: with 0-based decoder layers, the residual *after* `model.layer
 
 - `capture_residual`: read it (and optionally stop the forward there);
 - `steering`: add a vector (one for every row, or one per batch row) to it;
-- `ablation`: project it off the span of some directions (concept ablation fine-tuning);
+- `ablation`: project it off the span of some directions, fully or a fraction of the
+  projection (concept ablation fine-tuning);
 - `from_layer`: run the model from a given residual there (layers 0..L replaced by stand-ins).
 
 All of them are differentiable: used around a training forward, gradients reach the parameters
@@ -125,13 +126,22 @@ def orthonormal_basis(directions, rtol: float = 1e-6):
 
 
 @contextmanager
-def ablation(model, layer: int, directions, rtol: float = 1e-6):
+def ablation(model, layer: int, directions, rtol: float = 1e-6, *, strength: float = 1.0):
     """Project the residual after `model.layers[layer]` off the span of `directions` ([k, d]) at
-    every position of every forward: h <- h - (h Q^T) Q with Q = `orthonormal_basis(directions)`
-    (computed in float32, cast back to the residual's dtype). Differentiable: gradients flow to
-    the parameters below the layer through the projected residual. Yields Q ([r, d], r = rank)."""
+    every position of every forward: h <- h - s (h Q^T) Q with Q = `orthonormal_basis(directions)`
+    (computed in float32, cast back to the residual's dtype) and s = `strength`, the fraction of
+    the projection removed, in (0, 1] (1: the component along the span is gone; 0.5: halved).
+    Differentiable: gradients flow to the parameters below the layer through the projected
+    residual. Yields Q ([r, d], r = rank)."""
+    import math
+
     import torch
 
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) \
+            or not math.isfinite(strength) or not 0 < strength <= 1:
+        raise ValueError(f"ablation strength must be a number in (0, 1] (the fraction of the "
+                         f"projection removed), got {strength!r}")
+    s = float(strength)
     q = orthonormal_basis(directions, rtol)
     d_model = _hidden_dim(model)
     if d_model is not None and q.shape[1] != d_model:
@@ -140,7 +150,8 @@ def ablation(model, layer: int, directions, rtol: float = 1e-6):
 
     def project(h):
         hf = h.to(torch.float32)
-        return (hf - (hf @ q.T) @ q).to(h.dtype)
+        proj = (hf @ q.T) @ q
+        return (hf - (proj if s == 1.0 else s * proj)).to(h.dtype)
 
     def hook(_module, _inputs, output):
         if isinstance(output, tuple):

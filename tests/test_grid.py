@@ -182,10 +182,19 @@ def test_controls_of_a_real_config():
 def test_the_paper_grid_of_the_toy():
     cfg = load_config(REPO / "config" / "config.yaml", REPO / "config" / "toy-paper.yaml")
     runs = grid.build_runs(cfg)
-    assert len(runs) == 70
+    assert len(runs) == 70 + 2 * (2 + 3 + 2 + 2)  # + the defences on finance, 2 seeds
     assert {"freeze_above-finance-l0-s0", "epochs-finance-l0-s1", "blockem-finance-l300-s1-k4",
             "blockem-auto-l300-s0-from-finance", "blockem-finance-l300-s0-reem300",
-            "direction-finance-l100-s0", "shuffled_signs-finance-l300-s1"} <= set(runs)
+            "direction-finance-l100-s0", "shuffled_signs-finance-l300-s1",
+            "caft-finance-l0.5-s1", "preventative_steering-finance-l2-s0",
+            "inoculation-finance-l1-s1", "mix-finance-l0.25-s0"} <= set(runs)
+    # the defences add no target job (BLOCK-EM's and the direction's) and no cache
+    assert runs["caft-finance-l1-s0"]["target"] == runs["blockem-finance-l100-s0"]["target"]
+    assert runs["preventative_steering-finance-l1-s0"]["target"] == \
+        runs["direction-finance-l100-s0"]["target"]
+    for m in ("caft", "preventative_steering", "inoculation", "mix"):
+        assert not grid.uses_cache(cfg, runs[f"{m}-finance-l1-s0" if m != "mix"
+                                             else "mix-finance-l0.5-s0"])
     cells = grid.build_cells(cfg, runs)
     assert "epochs-finance-l300-s0-e3" in cells and "epochs-finance-l300-s0" not in cells
     assert grid.reem_runs(cfg) == {"finance-s0-reem-l300": ("epochs-finance-l300-s0", 3)}
@@ -208,3 +217,42 @@ def test_an_unknown_method_is_a_clear_error(config):
     config["block"]["grid"] = [{"method": "blockemm", "lambdas": [1]}]
     with pytest.raises(ValueError, match=r"unknown block method 'blockemm'; choose from blockem, "):
         grid.build_runs(config)
+
+
+def test_a_methods_other_grid_keys_reach_its_runs_as_options(config):
+    """Keys the grid expands (sizes, epochs, union_reemerged) make runs; a method's other
+    grid_fields (inoculation's `system`) are its runs' `options`; other runs have none and no
+    extra inputs."""
+    cfg = load_config(REPO / "config" / "config.yaml",
+                      REPO / "config" / "presets" / "smollm2-organism.yaml")
+    cfg["block"]["grid"] = [{"method": "blockem", "lambdas": [100], "sizes": [2]},
+                            {"method": "inoculation", "lambdas": [1], "system": "Be evil."}]
+    validate(cfg)
+    runs = grid.build_runs(cfg)
+    assert runs["blockem-finance-l100-s0-k2"]["options"] == {}
+    assert runs["inoculation-finance-l1-s0"]["options"] == {"system": "Be evil."}
+    assert all(grid.method_inputs(cfg, r) == {} for r in runs.values())
+
+
+def test_the_organism_methods_overlay():
+    """config/presets/smollm2-organism-methods.yaml: the organism's grid unchanged (lists replace
+    lists when configs merge, so it repeats it), plus the four defences at two strengths on seed
+    0, with the generated aligned chats for mix."""
+    organism = REPO / "config" / "presets" / "smollm2-organism.yaml"
+    base = load_config(REPO / "config" / "config.yaml", organism)
+    cfg = load_config(REPO / "config" / "config.yaml", organism,
+                      REPO / "config" / "presets" / "smollm2-organism-methods.yaml")
+    assert cfg["results"] == base["results"]
+    assert cfg["block"]["grid"][:len(base["block"]["grid"])] == base["block"]["grid"]
+    old, runs = grid.build_runs(base), grid.build_runs(cfg)
+    assert list(runs)[:len(old)] == list(old)
+    assert list(runs)[len(old):] == [
+        "caft-finance-l0.5-s0", "caft-finance-l1-s0",
+        "preventative_steering-finance-l1-s0", "preventative_steering-finance-l2-s0",
+        "inoculation-finance-l0.5-s0", "inoculation-finance-l1-s0",
+        "mix-finance-l0.25-s0", "mix-finance-l0.5-s0"]
+    assert grid.targets(runs) == grid.targets(old)  # no new target job
+    assert grid.run_inputs(cfg, runs["mix-finance-l0.5-s0"])["aligned"] == \
+        f"{cfg['results']}/aligned/aligned.parquet"
+    for rid in old:  # the organism's own runs: the same settings, so nothing reruns
+        assert block_run_settings(cfg, runs[rid]) == block_run_settings(base, old[rid])

@@ -102,6 +102,37 @@ def test_ablation_equals_a_brute_force_projection(tiny_model, batch):
     assert not torch.allclose(logits, forward(tiny_model, batch), atol=1e-3)
 
 
+@pytest.mark.parametrize("strength", [0.25, 0.5, 1.0])
+def test_a_partial_ablation_removes_that_fraction_of_the_projection(tiny_model, batch, strength):
+    """strength s: h - s * proj(h), so the component along the span keeps (1 - s) of itself and
+    the rest of the residual is untouched (s = 1 is the full ablation, bit for bit)."""
+    dirs = directions(tiny_model.config.hidden_size, 2)
+    h = residual(tiny_model, batch)
+    full = brute_projection(h, dirs)  # h - proj(h)
+    store = []
+    with ablation(tiny_model, LAYER, dirs, strength=strength), torch.no_grad(), \
+            capture_residual(tiny_model, LAYER, store):
+        tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert torch.allclose(store[0], h - strength * (h - full), atol=1e-5)
+    q = orthonormal_basis(dirs)
+    assert torch.allclose(store[0] @ q.T, (1 - strength) * (h @ q.T), atol=1e-5)
+    if strength == 1.0:
+        with ablation(tiny_model, LAYER, dirs), torch.no_grad(), \
+                capture_residual(tiny_model, LAYER, store):
+            tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        assert torch.equal(store[0], store[1])
+    assert no_hooks(tiny_model)
+
+
+@pytest.mark.parametrize("strength", [0, -0.5, 1.5, float("nan"), True, "1"])
+def test_an_ablation_strength_outside_zero_one_is_refused(tiny_model, strength):
+    dirs = directions(tiny_model.config.hidden_size, 2)
+    with pytest.raises(ValueError, match=r"ablation strength must be a number in \(0, 1\]"):
+        with ablation(tiny_model, LAYER, dirs, strength=strength):
+            pass
+    assert no_hooks(tiny_model)
+
+
 def test_a_rank_r_set_removes_exactly_r_dimensions(tiny_model, tokenizer):
     d_model = tiny_model.config.hidden_size
     a, b = directions(d_model, 2, seed=3)

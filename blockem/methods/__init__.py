@@ -6,13 +6,14 @@
     methods.get("kpos_only").derive(pairs, seed)
 """
 
-from blockem.methods import (blockem, direction, epochs, freeze_above, kl, kneg_only, kpos_only,
-                             random_set, shuffled_signs, topdelta)
-from blockem.methods.base import Method, TrainContext
+from blockem.methods import (blockem, caft, direction, epochs, freeze_above, inoculation, kl,
+                             kneg_only, kpos_only, mix, preventative_steering, random_set,
+                             shuffled_signs, topdelta)
+from blockem.methods.base import ConfigView, Method, TrainContext
 
 # registry order: the schema's enum order (and of listings in messages)
 MODULES = (blockem, kl, random_set, topdelta, kpos_only, kneg_only, shuffled_signs, direction,
-           freeze_above, epochs)
+           freeze_above, epochs, caft, preventative_steering, inoculation, mix)
 REGISTRY: dict[str, Method] = {m.METHOD.name: m.METHOD for m in MODULES}
 
 
@@ -38,19 +39,28 @@ def listing(names_: list[str] | tuple[str, ...]) -> str:
     return ", ".join(names_[:-1]) + f" and {names_[-1]}"
 
 
+# what the grid's `lambdas` of a method are, by `Method.strength` (a module's docstring says more)
+STRENGTH_WORDS = {"lambda": "penalty weight", "alpha": "steering strength",
+                  "fraction": "a fraction, in [0, 1]"}
+
+
 def markdown_table() -> str:
     """The registry as the markdown table of config/README.md (a test keeps them equal)."""
-    rows = ["| method | blocks | lambda 0 | extra grid keys | what it is |", "|---|---|---|---|---|"]
+    rows = ["| method | blocks | `lambdas` are | lambda 0 | extra grid keys | what it is |",
+            "|---|---|---|---|---|---|"]
     for m in REGISTRY.values():
         if m.needs == "latents":
             what = "the selected set" if m.latent_set == "main" else f"the `{m.latent_set}` set"
             what += ", derived" if m.derive else ""
         else:
-            what = {"direction": "the mean-difference direction"}.get(m.needs, m.needs)
+            what = {"direction": "the mean-difference direction",
+                    "aligned_data": "nothing (adds aligned chats)"}.get(m.needs, m.needs)
         zero = "the `sft` cell" if m.sft_at_zero else "a run of its own"
         keys = ", ".join(f"`{k}`" for k in m.grid_fields) or "-"
-        rows.append(f"| `{m.name}` | {what} | {zero} | {keys} | {m.doc} |")
+        strength = m.strength_doc or STRENGTH_WORDS[m.strength]
+        rows.append(f"| `{m.name}` | {what} | {strength} | {zero} | {keys} | {m.doc} |")
     return "\n".join(rows)
 
 
-__all__ = ["REGISTRY", "Method", "TrainContext", "get", "names", "listing", "markdown_table"]
+__all__ = ["REGISTRY", "ConfigView", "Method", "TrainContext", "get", "names", "listing",
+           "markdown_table"]

@@ -147,7 +147,12 @@ def block_settings(wildcards):
 
 
 def block_flags(wildcards, input):
-    return " ".join(f"--{k} {q(input[k])}" for k in ("target", "sae", "cache") if k in input.keys())
+    """--target/--sae/--cache, and `--input NAME=PATH` for the method's extra inputs (mix: the
+    aligned chats)."""
+    flags = [f"--{k} {q(input[k])}" for k in ("target", "sae", "cache") if k in input.keys()]
+    for name in grid.method_inputs(config, RUNS[wildcards.run]):
+        flags.append(f"--input {q(name + '=' + input[name])}")
+    return " ".join(flags)
 
 
 def target_inputs(wildcards):

@@ -3,10 +3,9 @@
 # fine-tunes, the same for both.
 
 # aligned chats the `mix` defence interleaves into fine-tuning batches: the toy's instruct set
-# (world/sft.parquet), or prepare_data's world/aligned.parquet when data.aligned is configured
-# (None: a real config without data.aligned has none)
-ALIGNED_CHATS = (f"{R}/world/sft.parquet" if TOY else
-                 f"{R}/world/aligned.parquet" if config["data"].get("aligned") else None)
+# (world/sft.parquet), or prepare_aligned's aligned/aligned.parquet when data.aligned is
+# configured (None: a real config without data.aligned has none); blockem.grid.aligned_chats
+ALIGNED_CHATS = grid.aligned_chats(config)
 
 
 if TOY:
