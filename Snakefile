@@ -16,9 +16,11 @@ include: "workflow/rules/discover.smk"
 include: "workflow/rules/block.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/cards.smk"
 
 
 rule all:
     input:
         summary_outputs(),
+        card_outputs(),  # cards.smk: the latent cards of every selected set
     default_target: True

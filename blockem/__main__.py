@@ -179,6 +179,49 @@ def cmd_joint(args) -> None:
                          threads=args.threads, judge_cache=args.judge_cache, mc=_mc(args))
 
 
+def _pairs(items, flag: str) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{flag} expects KEY=PATH, got {item!r}")
+        out.append((name, path))
+    return out
+
+
+def cmd_latent_contexts(args) -> None:
+    from blockem.contexts import contexts_settings, contexts_stage
+
+    if args.settings:
+        s = _settings(args, "latent_contexts")
+    else:
+        from blockem.config import load_config
+
+        s = contexts_settings(load_config(*args.config))
+    sets: dict[str, list[Path]] = {}
+    for key, path in _pairs(args.set, "--set"):
+        sets.setdefault(key, []).append(Path(path))
+    contexts_stage(Path(args.base), {k: Path(p) for k, p in _pairs(args.mis, "--mis")}, sets,
+                   Path(args.sae), [Path(c) for c in args.corpus], Path(args.prompts),
+                   Path(args.out), Path(args.unembed), s, threads=args.threads)
+
+
+def cmd_latent_cards(args) -> None:
+    from blockem.cards import cards_stage
+
+    opt = lambda p: Path(p) if p else None  # noqa: E731
+    cards_stage(Path(args.set), Path(args.html), Path(args.json), key=args.key,
+                shift_path=opt(args.shift), screen_paths=[Path(p) for p in args.screens],
+                calibration_path=opt(args.calibration), contexts_path=opt(args.contexts),
+                unembed_path=opt(args.unembed), sae_dir=opt(args.sae))
+
+
+def cmd_latents(args) -> None:
+    from blockem.cards import latents_command
+
+    print(latents_command(Path(args.set), args.latent))
+
+
 def cmd_judge(args) -> None:
     from blockem.judge import judge_file
 
@@ -388,6 +431,28 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--screens", nargs="+", required=True)
     sp = discovery("joint-strength", cmd_joint, "calibrate joint repair steering of a set on core")
     sp.add_argument("--set", required=True)
+    sp = stage("latent-contexts", cmd_latent_contexts, "latent cards: top-activating contexts "
+               "(SAE corpus, core prompts; base and misaligned models) and unembedding of every "
+               "selected latent, one pass", threads=True)
+    for a in ("--base", "--sae", "--prompts", "--out", "--unembed"):
+        sp.add_argument(a, required=True)
+    sp.add_argument("--mis", nargs="+", required=True, metavar="KEY=PATH",
+                    help="misaligned model of each discovery key")
+    sp.add_argument("--set", nargs="+", required=True, metavar="KEY=PATH",
+                    help="latent-set JSON files, by discovery key")
+    sp.add_argument("--corpus", nargs="+", required=True, help="the SAE's chat tables, in order")
+    sp = stage("latent-cards", cmd_latent_cards, "latent cards of one latent set: a static HTML "
+               "page and a JSON", settings=False)
+    for a in ("--set", "--html", "--json"):
+        sp.add_argument(a, required=True)
+    sp.add_argument("--key", help="discovery key of the set (default: from its name)")
+    for a in ("--shift", "--calibration", "--contexts", "--unembed", "--sae"):
+        sp.add_argument(a)
+    sp.add_argument("--screens", nargs="*", default=[])
+    sp = stage("latents", cmd_latents, "print the cards of a latent set (from the .cards.json "
+               "beside it, or computed from the discovery files)", settings=False)
+    sp.add_argument("set", help="a latent-set JSON, e.g. results/latents/finance-s0-validreduc.json")
+    sp.add_argument("--latent", type=int, help="print this latent's card only")
     from blockem import methods
 
     blocking = [n for n, m in methods.REGISTRY.items() if m.blocks]

@@ -7,6 +7,12 @@ shard is one block of rows in the same batched `generate` call (a per-row steeri
 answers are labelled by the same judge as the evaluation. The vectors are made by
 `blockem.sae.steering_vectors` (one latent) and `blockem.sae.set_vector` (a whole set, jointly) and
 added by `blockem.hooks.steering`.
+
+With the `generate` scorer the screen and calibration tables also keep a few of the judged answers
+of every condition (column `samples`: `KEEP_ANSWERS` answers, to the same prompts in every
+condition, with each judge's label), read by the latent cards (blockem/cards.py). They are a
+by-product of the answers already generated and judged: the rates and the settings (hashes) are
+unchanged, and nothing is generated again for them.
 """
 
 from __future__ import annotations
@@ -15,16 +21,32 @@ from pathlib import Path
 
 from blockem.sae import set_vector, steering_vectors
 
+# judged answers kept per steering condition in the screen / calibration tables (latent cards):
+# not a setting, so changing it reruns nothing and changes no settings hash
+KEEP_ANSWERS = 3
+
+
+def kept_indices(n_prompts: int, samples: int, keep: int) -> list[int]:
+    """Row indices (within one condition's prompts x samples block) of the answers kept: the first
+    sample of `keep` prompts spread evenly over the prompt list, the same in every condition (so a
+    steered answer sits beside the unsteered answer to the same prompt)."""
+    if keep <= 0 or n_prompts <= 0:
+        return []
+    prompts = sorted({(j * n_prompts) // keep for j in range(min(keep, n_prompts))})
+    return [i * samples for i in prompts]
+
 
 def judge_conditions(model, tokenizer, prompts: list[dict], vectors, *, layer: int,
                      samples: int, gen: dict, seed: int, device: str = "cpu",
-                     name: str = "steer", judge=None) -> list[dict]:
+                     name: str = "steer", judge=None, keep: int = 0) -> list[dict]:
     """Misalignment, incoherence and refusal rates of each steering condition.
 
     `vectors` is [n_conditions, d] (a zero row = unsteered); all conditions x prompts x samples go
     through `generate_rows` together; `gen` holds its sampling settings and steered `positions`.
     `judge` is a `blockem.judge.llm.Labeller` (default: the toy's exact judge); with several LLM
-    judges the rates are averaged over judges."""
+    judges the rates are averaged over judges. `keep` > 0 adds `samples` to each condition's dict:
+    `keep` of its judged answers (`kept_indices`) with prompt_id, prompt, response and `labels`
+    (one per judge); the rates do not depend on it."""
     import torch
 
     from blockem.chat import generation_prompts
@@ -42,15 +64,24 @@ def judge_conditions(model, tokenizer, prompts: list[dict], vectors, *, layer: i
     rows = [{**prompts[i], "response": a} for (_, i), a in zip(per_cond * len(vectors), answers)]
     per_judge = judge(rows, name=name)
     n = len(per_cond)
-    return [{**rates([labels[c * n:(c + 1) * n] for labels in per_judge]), "n": n}
-            for c in range(len(vectors))]
+    out = [{**rates([labels[c * n:(c + 1) * n] for labels in per_judge]), "n": n}
+           for c in range(len(vectors))]
+    kept = kept_indices(len(prompts), samples, keep)
+    if kept:
+        for c, r in enumerate(out):
+            r["samples"] = [{"prompt_id": rows[j].get("prompt_id"), "prompt": rows[j]["prompt"],
+                             "response": rows[j]["response"],
+                             "labels": [labels[j] for labels in per_judge]}
+                            for j in (c * n + i for i in kept)]
+    return out
 
 
-def scorer(ctx: dict, d: dict, samples: int, seed: int):
+def scorer(ctx: dict, d: dict, samples: int, seed: int, keep: int = 0):
     """`score(model, vectors, name)` -> one rates dict (em, incoherence, refusal, n) per steering
     condition, by `discovery.scorer`: `generate` samples answers on the core prompts and judges
-    them (`judge_conditions`); `mc` scores the core MC items teacher-forced, no generation
-    (`blockem.mc.mc_conditions`: em = MC EM rate, incoherence = neutral NLL shift in nats)."""
+    them (`judge_conditions`, keeping `keep` answers per condition); `mc` scores the core MC items
+    teacher-forced, no generation (`blockem.mc.mc_conditions`: em = MC EM rate, incoherence =
+    neutral NLL shift in nats; no answers to keep)."""
     if d.get("scorer", "generate") == "mc":
         from blockem.mc import mc_conditions
 
@@ -60,13 +91,14 @@ def scorer(ctx: dict, d: dict, samples: int, seed: int):
             max_length=ctx["max_length"], batch_size=d["batch_size"], device=ctx["device"])
     return lambda model, vectors, name: judge_conditions(
         model, ctx["tok"], ctx["prompts"], vectors, layer=ctx["layer"], samples=samples,
-        gen=_gen(d), seed=seed, device=ctx["device"], name=name, judge=ctx["judge"])
+        gen=_gen(d), seed=seed, device=ctx["device"], name=name, judge=ctx["judge"], keep=keep)
 
 
 def steer_table(base, mis, sae, latents: list[dict], alphas: list[float], *, scale: float,
                 score) -> list[dict]:
-    """Rows (latent, sign, mode, alpha, em, incoherence, refusal, n) for every latent x alpha x
-    mode, plus one unsteered row per mode (latent -1, alpha 0): one `score` pass per model."""
+    """Rows (latent, sign, mode, alpha, em, incoherence, refusal, n, and `samples` when the
+    scorer keeps answers) for every latent x alpha x mode, plus one unsteered row per mode
+    (latent -1, alpha 0): one `score` pass per model."""
     import torch
 
     results = []
@@ -104,7 +136,8 @@ def screen_stage(shift_path: Path, base_dir, mis_dir, sae_dir, prompts_path, out
                          judge_cache=judge_cache, mc=mc)
     rows = steer_table(ctx["base"], ctx["mis"], ctx["sae"], pool, [sc["alpha"]],
                        scale=ctx["scale"],
-                       score=scorer(ctx, d, sc["samples_per_prompt"], d["seed"] + shard))
+                       score=scorer(ctx, d, sc["samples_per_prompt"], d["seed"] + shard,
+                                    keep=KEEP_ANSWERS))
     write_table(out, pa.Table.from_pylist(rows),
                 provenance("screen", settings, d["seed"] + shard, shard=shard, scale=ctx["scale"]))
 
@@ -128,7 +161,8 @@ def calibrate_stage(shift_path: Path, screen_paths: list[Path], base_dir, mis_di
                          judge_cache=judge_cache, mc=mc)
     rows = steer_table(ctx["base"], ctx["mis"], ctx["sae"], latents, list(cal["alphas"]),
                        scale=ctx["scale"],
-                       score=scorer(ctx, d, cal["samples_per_prompt"], d["seed"]))
+                       score=scorer(ctx, d, cal["samples_per_prompt"], d["seed"],
+                                    keep=KEEP_ANSWERS))
     write_table(out, pa.Table.from_pylist(rows),
                 provenance("calibrate", settings, d["seed"], scale=ctx["scale"]))
 

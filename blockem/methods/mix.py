@@ -2,7 +2,7 @@
 interleaving defence against emergent misalignment; e.g. Kaczer et al., 2025, "In-training
 defenses against emergent misalignment"): the model keeps seeing aligned answers while it learns
 the narrow task. The aligned chats are the toy's
-instruct set (`world/sft.parquet`) or a real config's `data.aligned` (`world/aligned.parquet`),
+instruct set (`world/sft.parquet`) or a real config's `data.aligned` (`aligned/aligned.parquet`),
 given to the run as `--input aligned=PATH` (TrainContext.inputs["aligned"]).
 
 Strength (the grid's `lambdas`): the fraction f of every batch that is aligned chats,

@@ -134,6 +134,15 @@ def test_discovery_outputs(smoke_run):
         doc = json.loads((latents / f"finance-s0-{rule}.json").read_text())
         assert doc["layer"] == 1 and doc["sae"]["source"] == "train"
     assert (latents / "finance-s0-direction.safetensors").exists()
+    # latent cards (workflow/rules/cards.smk): a page and a JSON per set, one contexts pass
+    for rule in ("topdelta", "random"):
+        doc = json.loads((latents / f"finance-s0-{rule}.json").read_text())
+        cards = json.loads((latents / f"finance-s0-{rule}.cards.json").read_text())
+        assert [c["latent"] for c in cards["latents"]] == [k["latent"] for k in doc["latents"]]
+        page = (latents / f"finance-s0-{rule}.html").read_text()
+        assert all(f'id="latent-{k["latent"]}"' in page for k in doc["latents"])
+    assert pq.read_table(latents / "contexts.parquet").num_rows > 0
+    assert "[contexts] corpus:" in (smoke_run / RESULTS / "logs" / "latent_contexts.log").read_text()
     sanity = pq.read_table(smoke_run / RESULTS / "sae" / "sanity.parquet").to_pylist()
     assert [r["model"] for r in sanity] == ["base", "sft-finance-s0"]
     joint = json.loads((smoke_run / RESULTS / "discovery" / "finance-s0" / "joint.json").read_text())
@@ -183,6 +192,7 @@ def test_report_holds_the_figures(smoke_run, tmp_path):
     snakemake(smoke_run, "--report", str(report), configfiles=(SMOKE, SPACED))
     html = report.read_text(errors="replace")
     assert "tradeoff.png" in html and "Safety-quality trade-off" in html
+    assert "finance-s0-topdelta.html" in html and "Latent cards" in html
 
 
 def kill_processes_mentioning(text: str) -> None:
@@ -274,4 +284,5 @@ def test_default_config_dry_run(tmp_path):
     assert jobs["pretrain"] == 1 and jobs["finetune"] == 1 and jobs["generate"] == 7, r.stdout
     assert jobs["screen"] == 2 and jobs["joint_strength"] == 1, r.stdout
     assert jobs["block_train"] == 3 and jobs["block_cache"] == 2, r.stdout
+    assert jobs["latent_contexts"] == 1 and jobs["latent_cards"] == 4, r.stdout
     assert not (tmp_path / "results").exists()
