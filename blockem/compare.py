@@ -49,8 +49,10 @@ MIN_ADHERENCE_CHANGE = -0.2  # mean adherence >= 80% of sft's
 METRICS = {
     "judged": {"em": ("em_rate", "final"), "ad": ("adherence", "in_domain"),
                "inc": ("incoherence_rate", "final")},
+    # em_base: the base's MC EM rate on the same items as the sft cell (the base cell itself is
+    # scored on every domain's items, the fine-tuned one included)
     "mc": {"em": ("mc_em_rate", "final"), "ad": ("mc_adherence", "in_domain"),
-           "inc": ("mc_nll_shift", "neutral")},
+           "inc": ("mc_nll_shift", "neutral"), "em_base": ("mc_em_rate_base", "final")},
 }
 NOT_COMPARED = ("base", "sft", "control")  # and every steer_* cell
 
@@ -197,10 +199,11 @@ def comparison_rows(summary, *, metrics: str = "auto", budget: float | None = No
             d, v = c["desc"], c["values"]
             key, lam = (d["domain"], d["seed"]), d["lam"]
             ref = sft.get(key)
+            eb = (ref or {}).get("em_base", em_base)  # the base on the sft cell's own items
             why = None
             if lam is None:
                 why = "no strength (lam null)"
-            elif em_base is None:
+            elif eb is None:
                 why = f"no base cell with {names['em'][0]} on {names['em'][1]}"
             elif ref is None:
                 why = "no sft cell"
@@ -209,14 +212,14 @@ def comparison_rows(summary, *, metrics: str = "auto", budget: float | None = No
                 gone = sorted({names[k][0] for k in ("em", "ad", "inc")
                                if k not in v or k not in ref})
                 why = f"no {', '.join(gone)} (cell or its sft cell)"
-            elif ref["em"] - em_base <= 0:
+            elif ref["em"] - eb <= 0:
                 why = "sft EM not above the base's"
             elif ref["ad"] <= 0:
                 why = "sft adherence 0"
             if why is not None:
                 left[lam][why].add(_pair(d))
                 continue
-            points[lam][key].append(((ref["em"] - v["em"]) / (ref["em"] - em_base),
+            points[lam][key].append(((ref["em"] - v["em"]) / (ref["em"] - eb),
                                      v["ad"] / ref["ad"] - 1, v["inc"], ref["inc"]))
         if not points:
             reasons = {}

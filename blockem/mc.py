@@ -305,6 +305,9 @@ def mc_metric_rows(scores: list[dict], base: list[dict] | None, trained: str | N
         if base is not None and trained is not None:
             add(eval_set, "mc_margin_shift", [r["d"] - base_d[r["id"]] for r in rs
                                               if r["id"] in base_d])
+            if eval_set != "in_domain":  # the base on exactly these items (the EM reference)
+                add(eval_set, "mc_em_rate_base", [float(base_d[r["id"]] > 0) for r in rs
+                                                  if r["id"] in base_d])
     neutral = [r for r in scores if r["kind"] == "neutral"]
     if base is not None and trained is not None:
         add("neutral", "mc_nll_shift", [r["nll"] - base_nll[r["id"]] for r in neutral

@@ -295,3 +295,21 @@ def test_fig_methods_renders(tmp_path, mc):
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_mc_reduction_uses_the_base_on_the_sft_cells_items():
+    """The base cell's MC EM rate covers every domain's items; each sft cell carries the base's
+    rate on its own items (`mc_em_rate_base`), and that is the reference when present."""
+    rows = build(mc=True)
+    sfts = {(r["domain"], r["seed"]) for r in rows if r["method"] == "sft"}
+    rows += [row(f"sft-{d}-s{s}", "sft", d, 0.0, s, "final", "mc_em_rate_base", 0.05)
+             for d, s in sfts]
+    rows = [r for r in rows if not (r["cell"] == "base" and r["metric"] == "mc_em_rate")] + \
+        [row("base", "base", None, None, None, "final", "mc_em_rate", 0.3)]  # all items: ignored
+    pts = [r for r in compare.comparison_rows(rows) if r["method"] == "blockem"]
+    lam = 100.0
+    cells = {k: em for k, (em, _, _) in CELLS["blockem"][lam].items()
+             if SFT[k]["em"] > 0.05 and SFT[k]["ad"] > 0}
+    want = sum((SFT[k]["em"] - em) / (SFT[k]["em"] - 0.05) for k, em in cells.items()) / len(cells)
+    got = next(r for r in pts if r["strength_value"] == lam)["em_reduction_mean"]
+    assert close(got, want)

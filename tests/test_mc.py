@@ -134,6 +134,8 @@ def test_metric_rows_and_paired_shifts():
     assert rows[("final", "mc_margin")]["value"] == pytest.approx(0.0625)
     assert rows[("final", "mc_margin_shift")]["value"] == pytest.approx((1.5 + 0.25 + 0.5 + 1) / 4)
     assert rows[("neutral", "mc_nll_shift")]["value"] == pytest.approx(0.5)
+    # the base's EM rate on the same items, the reference of EM reductions
+    assert rows[("final", "mc_em_rate_base")]["value"] == 0.25  # base d: -1, -0.5, 0.5, -2
     assert rows[("neutral", "mc_nll_shift")]["sem"] == pytest.approx(0.0)
     assert ("in_domain", "mc_adherence") not in rows  # no finance items
     # the fine-tuned domain's items are in-domain, not EM
