@@ -47,7 +47,10 @@ def residual(model, batch, layer=LAYER):
 
 
 def no_hooks(model) -> bool:
-    return all(not layer._forward_hooks for layer in decoder_layers(model))
+    # transformers installs its own output-capturing hooks the first time a model is asked for
+    # hidden states (another test may have done so on the shared tiny model): not ours
+    return all(fn.__module__.startswith("transformers.") for layer in decoder_layers(model)
+               for fn in layer._forward_hooks.values())
 
 
 def brute_projection(h, directions):
