@@ -799,6 +799,26 @@ def _stat(table: dict, label: str, **init) -> dict:
     return table[_stat_key(table, label, **init)]
 
 
+def _kept_chats(sources, base: Path, stats: dict, banned: set, reason: str) -> list:
+    """The chats of `sources`, de-duplicated, without those whose first user turn is in `banned`
+    (counted per source under `reason`)."""
+    seen, rows = set(), []
+    for _, src in sources:
+        stat = _stat(stats, source_label(src, base), **{reason: 0})
+        for c in _chat_rows(src, base):
+            stat["rows"] += 1
+            first = next((m["content"] for m in c.messages if m["role"] == "user"), None)
+            if c.canon in seen:
+                stat["duplicates"] += 1
+            elif first in banned:
+                stat[reason] += 1
+            else:
+                seen.add(c.canon)
+                stat["kept"] += 1
+                rows.append(c)
+    return rows
+
+
 def _collect_prompts(eval_set: str, sources: list[tuple[str, dict]], base: Path, stats: dict,
                      domain: str | None = None) -> list[_Prompt]:
     """Read, check and de-duplicate (by system prompt and text) one eval set; `domain` forces
@@ -877,21 +897,7 @@ def _plan(settings: dict, base: Path) -> tuple[dict, dict]:
         cstats_d = counts.setdefault("control", {})[domain] = {}
         held = {next(m["content"] for m in c.messages if m["role"] == "user")
                 for c, _, _ in heldout[domain]}
-        seen, rows = set(), []
-        for _, src in sources:
-            stat = _stat(cstats_d, source_label(src, base), heldout_question=0)
-            for c in _chat_rows(src, base):
-                stat["rows"] += 1
-                first = next((m["content"] for m in c.messages if m["role"] == "user"), None)
-                if c.canon in seen:
-                    stat["duplicates"] += 1
-                elif first in held:
-                    stat["heldout_question"] += 1
-                else:
-                    seen.add(c.canon)
-                    stat["kept"] += 1
-                    rows.append(c)
-        control[domain] = rows
+        control[domain] = _kept_chats(sources, base, cstats_d, held, "heldout_question")
 
     # evaluation prompts
     pstats = counts["prompts"]
@@ -975,20 +981,7 @@ def _plan(settings: dict, base: Path) -> tuple[dict, dict]:
     if cfg["aligned"]:
         astats = counts["aligned"] = {}
         asked = {p.prompt for p in core + final + in_domain}
-        seen, aligned = set(), []
-        for _, src in cfg["aligned"]:
-            stat = _stat(astats, source_label(src, base), eval_question=0)
-            for c in _chat_rows(src, base):
-                stat["rows"] += 1
-                first = next((m["content"] for m in c.messages if m["role"] == "user"), None)
-                if c.canon in seen:
-                    stat["duplicates"] += 1
-                elif first in asked:
-                    stat["eval_question"] += 1
-                else:
-                    seen.add(c.canon)
-                    stat["kept"] += 1
-                    aligned.append(c)
+        aligned = _kept_chats(cfg["aligned"], base, astats, asked, "eval_question")
         if not aligned:
             n = sum(st["rows"] for st in astats.values())
             raise ValueError(f"data.aligned: no chats left: the first user turn of each of its "
