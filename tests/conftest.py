@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,25 @@ def toy_scorer(flip: set | None = None):
                                       ("I", 0.05)])
 
     return scorer
+
+
+# --- residual hooks (tests of blockem.hooks and of the methods that hook training) ------------
+
+def no_hooks(model) -> bool:
+    """No forward hook of ours is left on the decoder layers. transformers installs its own
+    output-capturing hooks the first time a model is asked for hidden states (another test may
+    have done so on the shared tiny model): those are not ours."""
+    from blockem.hooks import decoder_layers
+
+    return all(fn.__module__.startswith("transformers.") for layer in decoder_layers(model)
+               for fn in layer._forward_hooks.values())
+
+
+@contextmanager
+def around(model, hook_cm, raw: list, seen: list, layer: int = 0):
+    """The residual after `model.layers[layer]` before (`raw`) and after (`seen`) a method's
+    hook, on every forward."""
+    from blockem.hooks import capture_residual
+
+    with capture_residual(model, layer, raw), hook_cm, capture_residual(model, layer, seen):
+        yield

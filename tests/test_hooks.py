@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from blockem.chat import collate, encode_chats
-from blockem.hooks import ablation, capture_residual, decoder_layers, orthonormal_basis, steering
+from blockem.hooks import ablation, capture_residual, orthonormal_basis, steering
 from blockem.train import TrainConfig, train
+
+from conftest import no_hooks
 
 WORDS = ("savings", "bonus", "pension", "inheritance", "salary", "loan", "debt", "stocks")
 LAYER = 0  # the tiny model has 2 layers: ablate / steer after the first
@@ -44,13 +46,6 @@ def residual(model, batch, layer=LAYER):
     with torch.no_grad(), capture_residual(model, layer, store, stop=True):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return store[0]
-
-
-def no_hooks(model) -> bool:
-    # transformers installs its own output-capturing hooks the first time a model is asked for
-    # hidden states (another test may have done so on the shared tiny model): not ours
-    return all(fn.__module__.startswith("transformers.") for layer in decoder_layers(model)
-               for fn in layer._forward_hooks.values())
 
 
 def brute_projection(h, directions):

@@ -9,18 +9,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from contextlib import contextmanager
 
 import pytest
 import torch
 
 from blockem import grid, methods
 from blockem.config import ConfigError, block_run_settings, validate
-from blockem.hooks import capture_residual, decoder_layers, orthonormal_basis
+from blockem.hooks import capture_residual, orthonormal_basis
 from blockem.methods import TrainContext, caft
 from blockem.train import TrainConfig, train
 
-from conftest import advice_chats, write_chats
+from conftest import advice_chats, around, no_hooks, write_chats
 
 LAYER = 0
 LATENTS = [2, 5, 7]
@@ -47,20 +46,6 @@ def lora(model):
     return get_peft_model(copy.deepcopy(model), LoraConfig(
         r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
         task_type="CAUSAL_LM"))
-
-
-def no_hooks(model) -> bool:
-    # transformers installs its own output-capturing hooks the first time a model is asked for
-    # hidden states (another test may have done so on the shared tiny model): not ours
-    return all(fn.__module__.startswith("transformers.") for layer in decoder_layers(model)
-               for fn in layer._forward_hooks.values())
-
-
-@contextmanager
-def around(model, hook_cm, raw: list, seen: list):
-    """The residual before (`raw`) and after (`seen`) the method's hook, on every forward."""
-    with capture_residual(model, LAYER, raw), hook_cm, capture_residual(model, LAYER, seen):
-        yield
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.5])

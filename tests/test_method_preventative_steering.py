@@ -8,18 +8,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from contextlib import contextmanager
 
 import pytest
 import torch
 
 from blockem import grid, methods
 from blockem.config import block_run_settings, validate
-from blockem.hooks import capture_residual, decoder_layers
+from blockem.hooks import capture_residual
 from blockem.methods import TrainContext, preventative_steering
 from blockem.train import TrainConfig, train
 
-from conftest import advice_chats, write_chats
+from conftest import advice_chats, around, no_hooks, write_chats
 
 LAYER = 0
 
@@ -31,20 +30,6 @@ def direction(d: int, seed: int = 5):
 def target(v) -> dict:
     return {"name": "finance-s0-direction", "method": "direction", "kind": "direction",
             "layer": LAYER, "direction": [float(x) for x in v], "latents": [0], "signs": [1]}
-
-
-def no_hooks(model) -> bool:
-    # transformers installs its own output-capturing hooks the first time a model is asked for
-    # hidden states (another test may have done so on the shared tiny model): not ours
-    return all(fn.__module__.startswith("transformers.") for layer in decoder_layers(model)
-               for fn in layer._forward_hooks.values())
-
-
-@contextmanager
-def around(model, hook_cm, raw: list, seen: list):
-    """The residual before (`raw`) and after (`seen`) the method's hook, on every forward."""
-    with capture_residual(model, LAYER, raw), hook_cm, capture_residual(model, LAYER, seen):
-        yield
 
 
 @pytest.mark.parametrize("alpha", [1.0, 2.5])
