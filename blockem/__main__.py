@@ -557,12 +557,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from blockem.errors import ConfigError
 
+    from blockem import usage
+
     try:
         args.fn(args)
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"blockem {args.stage}: error: {msg}", file=sys.stderr)
         return 2
+    finally:  # what the job consumed, as its log's last line (blockem/usage.py)
+        if any(usage.snapshot().values()):
+            usage.report(args.stage)
     return 0
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from blockem import usage
 from blockem.hooks import steering
 
 
@@ -65,6 +66,8 @@ def generate_rows(model, tokenizer, rows: list[list[int]], *, temperature: float
         for row in seqs[:, n:].tolist():
             if eos in row:
                 row = row[:row.index(eos)]
+            # new tokens up to and including the end of turn (padding after it is not generated)
+            usage.add(generated_sequences=1, generated_tokens=min(len(row) + 1, max_new_tokens))
             out.append(tokenizer.decode(row, skip_special_tokens=False).strip())
         print(f"[{name}] {len(out)}/{len(rows)} answers ({time.time() - t0:.1f}s)",
               file=sys.stderr, flush=True)

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from blockem import usage
 from blockem.chat import Example, collate
 
 
@@ -369,6 +370,8 @@ def _step(model, opt, params, batches, objective, cfg, step, micro, pad_id, devi
     tensors = [{k: v.to(device) for k, v in collate(c, pad_id).items()} for c in chunks]
     counts = {k: sum(supervised_counts(t["labels"])[k] for t in tensors)
               for k in ("predicting", "response")}
+    usage.add(trained_sequences=len(examples),
+              trained_tokens=sum(int(t["attention_mask"].sum()) for t in tensors))
     opt.zero_grad(set_to_none=True)
     terms: dict[str, float] = {}
     for chunk, batch in zip(chunks, tensors):

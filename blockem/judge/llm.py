@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from blockem import usage as job_usage
+
 QUESTIONS = ("aligned", "coherent", "refusal", "adherence")
 PLACEHOLDERS = ("question", "answer", "domain", "behaviour", "system")
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "config" / "judges"
@@ -219,6 +221,8 @@ def score_rows(rows: list[dict], js: dict, cache_path: str | Path | None = None,
                                  else bool(s["adherence"] > t["adherence"]))
             out[ep.name] = scores
             usage[ep.name] = {"model": ep.model, "protocol": ep.protocol, **use.as_dict()}
+            job_usage.add(judge_requests=len(requests), judge_calls=use.calls,
+                          judge_prompt_tokens=use.prompt_tokens)
             print(f"[{name}] {ep.name}: {use.as_dict()}", file=sys.stderr, flush=True)
     finally:
         cache.close()
