@@ -59,8 +59,13 @@ def matmul_ceiling(device: str, dtype, n: int, repeats: int = 10) -> float:
     return 2 * n**3 / best
 
 
-def model_dir(tmp: Path) -> Path:
-    """The SmolLM2 base of a preset run, or one converted now into `tmp`."""
+def model_dir(tmp: Path, model: Path | None = None) -> Path:
+    """`model` (a local model directory, e.g. <results>/models/base of the run to plan), else the
+    SmolLM2 base of a preset run, else one converted now into `tmp`."""
+    if model is not None:
+        if not (Path(model) / "config.json").is_file():
+            raise SystemExit(f"--model {model}: not a model directory (no config.json)")
+        return Path(model)
     made = REPO / "results" / "smollm2" / "models" / "base"
     if made.exists():
         return made
@@ -75,7 +80,7 @@ def model_dir(tmp: Path) -> Path:
 
 def measure(device: str = "cuda", gen_batch: int = 64, new_tokens: int = 128,
             train_batch: int = 16, seq: int = 512, steps: int = 10, matmul_n: int = 8192,
-            out_md: Path | None = REPO / "bench" / "GPU.md") -> dict:
+            out_md: Path | None = REPO / "bench" / "GPU.md", model: Path | None = None) -> dict:
     import torch
 
     from blockem.models import load_model, load_tokenizer
@@ -86,7 +91,7 @@ def measure(device: str = "cuda", gen_batch: int = 64, new_tokens: int = 128,
     name = torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor()
     ceiling = matmul_ceiling(device, dtype, matmul_n)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
-        path = model_dir(Path(tmp))
+        path = model_dir(Path(tmp), model)
         tok = load_tokenizer(path)
         model = load_model(path, device=device, dtype="bfloat16").eval()
     n_params = sum(p.numel() for p in model.parameters())
@@ -130,7 +135,7 @@ def measure(device: str = "cuda", gen_batch: int = 64, new_tokens: int = 128,
     step_s = (time.perf_counter() - t0) / steps
     train_tps = train_batch * seq / step_s
 
-    res = {"gpu": name, "torch": torch.__version__, "params": n_params,
+    res = {"gpu": name, "torch": torch.__version__, "params": n_params, "model": str(path),
            "matmul_ceiling_tflops": round(ceiling / 1e12, 1),
            "generation": {"batch": gen_batch, "new_tokens": new_tokens,
                           "tokens_per_s": round(gen_tps), "seconds": round(gen_s, 3),
@@ -175,10 +180,30 @@ def main() -> None:
     ap.add_argument("--matmul-n", type=int, default=8192)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "GPU.md",
                     help="markdown report (the CPU smoke test of --device cpu writes none)")
+    ap.add_argument("--model", type=Path,
+                    help="a local model directory to measure (default: SmolLM2-135M)")
+    ap.add_argument("--profile", type=Path,
+                    help="also write a throughput profile for `python -m blockem plan --profile`")
     args = ap.parse_args()
     out_md = args.out if args.device.startswith("cuda") else None
-    print(json.dumps(measure(args.device, args.gen_batch, args.new_tokens, args.train_batch,
-                             args.seq, args.steps, args.matmul_n, out_md), indent=2))
+    res = measure(args.device, args.gen_batch, args.new_tokens, args.train_batch, args.seq,
+                  args.steps, args.matmul_n, out_md, args.model)
+    print(json.dumps(res, indent=2))
+    if args.profile is not None and res.get("gpu") is not None:
+        write_profile(res, args.profile)
+
+
+def write_profile(res: dict, path: Path) -> None:
+    """The plan's throughput profile from a measurement (judging is the user's to fill in)."""
+    import yaml
+
+    prof = {"train_tokens_per_s": res["training"]["tokens_per_s"],
+            "generate_tokens_per_s": res["generation"]["tokens_per_s"],
+            "judge_prompt_tokens_per_s": None, "judge_gpus": None,
+            "source": (f"bench/gpu.py on {res['gpu']}, {res['model']}: full-parameter AdamW "
+                       f"training (LoRA trains faster), greedy generation at batch "
+                       f"{res['generation']['batch']}; judge throughput not measured: fill in")}
+    path.write_text(yaml.safe_dump(prof, sort_keys=False))
 
 
 if __name__ == "__main__":

@@ -127,3 +127,32 @@ def test_real_model_outputs_and_no_secret_anywhere(real_run):
             assert SECRET.encode() not in path.read_bytes(), path
     r = snakemake(real_run["dir"], "-n", configfiles=real_run["files"], env=real_run["env"])
     assert not planned_jobs(r.stdout), r.stdout
+
+
+def test_plan_matches_the_judge_requests_of_the_run(real_run, monkeypatch):
+    """`blockem plan` on the real-model smoke run: the evaluation's generated answers and judge
+    requests exactly (2 judges x 3 questions, 4 in-domain), discovery's within its bounds, and
+    the judge prompt tokens an upper bound of what the server counted (the plan counts with the
+    policy tokenizer and every answer at max_new_tokens; the test server counts words)."""
+    from blockem.plan import make_plan
+    from blockem.usage import read_log_usage
+
+    for k, v in real_run["env"].items():
+        monkeypatch.setenv(k, v)
+    plan = make_plan([str(f) for f in real_run["files"]], directory=real_run["dir"])
+    assert plan["judge_tokens"] == "tokenizer"  # the run's base model directory is there
+    stage_rule = {"judge": "judge", "generate": "generate", "screen": "screen",
+                  "calibrate": "calibrate", "joint-strength": "joint_strength"}
+    ran: dict[str, dict] = {}
+    for log in (real_run["dir"] / "results" / "logs").rglob("*.log"):
+        u = read_log_usage(log)
+        if u is not None and u["stage"] in stage_rule:
+            acc = ran.setdefault(stage_rule[u["stage"]], {})
+            for k in ("generated_sequences", "judge_requests", "judge_prompt_tokens"):
+                acc[k] = acc.get(k, 0) + u[k]
+    want = plan["rules"]
+    assert ran["judge"]["judge_requests"] == want["judge"]["judge_requests"] > 0
+    assert ran["generate"]["generated_sequences"] == want["generate"]["generated_sequences"]
+    for rule in ("screen", "calibrate"):  # (the judge jobs' last run re-judged from the cache)
+        assert 0 < ran[rule]["judge_prompt_tokens"] <= want[rule]["judge_prompt_tokens"], rule
+        assert 0 < ran[rule]["judge_requests"] <= want[rule]["judge_requests"], rule

@@ -96,7 +96,49 @@ def test_outputs_record_provenance(smoke_run):
     # the smoke config selects with topdelta (random weights leave validreduc empty)
     assert gen["steering"]["set"] == "finance-s0-topdelta" and gen["steering"]["layer"] == 1
     assert read_provenance(smoke_run / RESULTS / "generations" / "sft-finance-s0.parquet")["steering"] is None
-    assert "[pretrain] step" in (smoke_run / RESULTS / "logs" / "pretrain.log").read_text()
+    assert "[pretrain] done " in (smoke_run / RESULTS / "logs" / "pretrain.log").read_text()
+
+
+# `python -m blockem <stage>` name -> the rule(s) that run it (the usage lines name the stage)
+STAGE_RULES = {"pretrain": "pretrain", "base": "base", "finetune": "finetune", "block": "block_train",
+               "generate": "generate", "judge": "judge", "screen": "screen",
+               "calibrate": "calibrate", "joint-strength": "joint_strength"}
+
+
+def test_plan_matches_what_the_run_did(smoke_run):
+    """`blockem plan` against the usage lines of the smoke run's job logs: job counts and
+    sequence counts exactly, tokens as upper bounds (sampling stops early, chats are shorter than
+    max_length), per rule."""
+    from blockem.plan import COLUMNS, make_plan
+    from blockem.usage import read_log_usage
+
+    plan = make_plan([str(SMOKE), str(SPACED)], directory=smoke_run)
+    ran: dict[str, dict] = {}
+    for log in (smoke_run / RESULTS / "logs").rglob("*.log"):
+        u = read_log_usage(log)
+        if u is None:
+            continue
+        rule = STAGE_RULES[u["stage"]]
+        acc = ran.setdefault(rule, dict.fromkeys(COLUMNS, 0) | {"jobs": 0})
+        acc["jobs"] += 1
+        for k in COLUMNS:
+            acc[k] += u[k]
+    assert set(ran) == {"pretrain", "base", "finetune", "block_train", "generate", "screen",
+                        "calibrate", "joint_strength"}, sorted(ran)
+    total_jobs = sum(1 for _ in (smoke_run / RESULTS / "benchmarks").rglob("*.tsv"))
+    assert plan["total"]["jobs"] == total_jobs  # every job of the run has a benchmark file
+    for rule, got in ran.items():
+        want = plan["rules"][rule]
+        assert want["jobs"] == got["jobs"], rule
+        for seqs, toks in (("trained_sequences", "trained_tokens"),
+                           ("generated_sequences", "generated_tokens")):
+            # the smoke pool is full (3 candidates a sign): discovery's bounds are exact too
+            assert got[seqs] == want[seqs], (rule, seqs, got, want)
+            assert 0 < got[toks] <= want[toks] if want[seqs] else got[toks] == 0, (rule, got, want)
+        assert got["judge_requests"] == want["judge_requests"] == 0  # the toy judge: no request
+    assert plan["rules"]["generate"]["generated_sequences"] == 8 * 168  # 8 cells x 168 prompts
+    for rule in set(plan["rules"]) - set(ran):  # every other rule consumes none of it
+        assert not any(plan["rules"][rule][k] for k in COLUMNS), rule
 
 
 def test_second_run_does_nothing(smoke_run):
@@ -142,7 +184,7 @@ def test_discovery_outputs(smoke_run):
         page = (latents / f"finance-s0-{rule}.html").read_text()
         assert all(f'id="latent-{k["latent"]}"' in page for k in doc["latents"])
     assert pq.read_table(latents / "contexts.parquet").num_rows > 0
-    assert "[contexts] corpus:" in (smoke_run / RESULTS / "logs" / "latent_contexts.log").read_text()
+    assert "[contexts corpus] done " in (smoke_run / RESULTS / "logs" / "latent_contexts.log").read_text()
     sanity = pq.read_table(smoke_run / RESULTS / "sae" / "sanity.parquet").to_pylist()
     assert [r["model"] for r in sanity] == ["base", "sft-finance-s0"]
     joint = json.loads((smoke_run / RESULTS / "discovery" / "finance-s0" / "joint.json").read_text())
