@@ -39,8 +39,9 @@ effect only.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
+
+from blockem import progress
 
 SOURCES = ("corpus", "core")
 RANKINGS = ("base", "mis", "shift")
@@ -220,22 +221,21 @@ def top_contexts(base, mis: dict, sae, tokenizer, sources: dict, latents: dict, 
     for source, (doc_ids, ids, select) in sources.items():
         if not ids:
             continue
-        t0, done = time.time(), 0
         store: dict = {}
-        for chunk, x, mask, sel in _batches(ids, select, pad, batch_size, drop_first):
-            zb = token_activations(base, sae, x, mask, sel, **kw)
-            _best(zb, store, "base")
-            for key, model in mis.items():
-                zm = token_activations(model, sae, x, mask, sel, **kw)
-                _best(zm, store, f"mis/{key}")
-                sign = torch.tensor([float(latents[key].get(k, 1)) for k in union])
-                # unselected positions are -inf in both (their difference nan): kept at -inf
-                _best(torch.where(sel[:, :, None], sign * (zm - zb), float("-inf")), store,
-                      f"shift/{key}")
-            done += len(chunk)
-            print(f"[contexts] {source}: {done}/{len(ids)} documents through the base and "
-                  f"{len(mis)} misaligned model(s) ({time.time() - t0:.1f}s)", file=sys.stderr,
-                  flush=True)
+        # every document through the base and each misaligned model
+        with progress.bar(len(ids), f"contexts {source}", unit="document") as bar:
+            bar.set_postfix(models=1 + len(mis))
+            for chunk, x, mask, sel in _batches(ids, select, pad, batch_size, drop_first):
+                zb = token_activations(base, sae, x, mask, sel, **kw)
+                _best(zb, store, "base")
+                for key, model in mis.items():
+                    zm = token_activations(model, sae, x, mask, sel, **kw)
+                    _best(zm, store, f"mis/{key}")
+                    sign = torch.tensor([float(latents[key].get(k, 1)) for k in union])
+                    # unselected positions are -inf in both (their difference nan): kept at -inf
+                    _best(torch.where(sel[:, :, None], sign * (zm - zb), float("-inf")), store,
+                          f"shift/{key}")
+                bar.update(len(chunk))
         best = {name: (torch.cat([v for v, _ in parts]), torch.cat([p for _, p in parts]))
                 for name, parts in store.items()}
         def window_of(doc, pos):
@@ -253,13 +253,13 @@ def top_contexts(base, mis: dict, sae, tokenizer, sources: dict, latents: dict, 
                         chosen.append((key, k, ranking, r, doc, pos, value))
         docs = sorted({c[4] for c in chosen})
         acts: dict = {}  # (model name, doc) -> [seq, n_latents]
-        for chunk, x, mask, sel in _batches(ids, select, pad, batch_size, drop_first, docs):
-            for name, model in [("base", base), *((f"mis/{k}", m) for k, m in mis.items())]:
-                z = token_activations(model, sae, x, mask, sel, **kw)
-                for r, d in enumerate(chunk):
-                    acts[(name, d)] = z[r, :len(ids[d])]
-        print(f"[contexts] {source}: windows of {len(docs)} documents", file=sys.stderr,
-              flush=True)
+        with progress.bar(len(docs), f"contexts {source} windows", unit="document") as bar:
+            for chunk, x, mask, sel in _batches(ids, select, pad, batch_size, drop_first, docs):
+                for name, model in [("base", base), *((f"mis/{k}", m) for k, m in mis.items())]:
+                    z = token_activations(model, sae, x, mask, sel, **kw)
+                    for r, d in enumerate(chunk):
+                        acts[(name, d)] = z[r, :len(ids[d])]
+                bar.update(len(chunk))
         pieces: dict = {}
         for key, k, ranking, r, doc, pos, value in chosen:
             lo, hi = window_bounds(len(ids[doc]), pos, window)

@@ -9,11 +9,9 @@ into another turn is judged as broken rather than silently cleaned.
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 
-from blockem import usage
+from blockem import progress, usage
 from blockem.hooks import steering
 
 
@@ -50,27 +48,31 @@ def generate_rows(model, tokenizer, rows: list[list[int]], *, temperature: float
                            pad_token_id=pad)
     torch.manual_seed(seed)
     out: list[str] = []
-    t0 = time.time()
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        n = max(len(p) for p in chunk)
-        input_ids = torch.full((len(chunk), n), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), n), dtype=torch.long)
-        for r, p in enumerate(chunk):
-            input_ids[r, n - len(p):] = torch.tensor(p)
-            mask[r, n - len(p):] = 1
-        vectors = None if steer is None else steer[start:start + batch_size]
-        with torch.no_grad(), steering(model, layer, vectors, positions):
-            seqs = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                  generation_config=gen)
-        for row in seqs[:, n:].tolist():
-            if eos in row:
-                row = row[:row.index(eos)]
-            # new tokens up to and including the end of turn (padding after it is not generated)
-            usage.add(generated_sequences=1, generated_tokens=min(len(row) + 1, max_new_tokens))
-            out.append(tokenizer.decode(row, skip_special_tokens=False).strip())
-        print(f"[{name}] {len(out)}/{len(rows)} answers ({time.time() - t0:.1f}s)",
-              file=sys.stderr, flush=True)
+    tokens = 0
+    with progress.bar(len(rows), name, unit="answer") as bar:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            n = max(len(p) for p in chunk)
+            input_ids = torch.full((len(chunk), n), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), n), dtype=torch.long)
+            for r, p in enumerate(chunk):
+                input_ids[r, n - len(p):] = torch.tensor(p)
+                mask[r, n - len(p):] = 1
+            vectors = None if steer is None else steer[start:start + batch_size]
+            with torch.no_grad(), steering(model, layer, vectors, positions):
+                seqs = model.generate(input_ids=input_ids.to(device),
+                                      attention_mask=mask.to(device), generation_config=gen)
+            for row in seqs[:, n:].tolist():
+                if eos in row:
+                    row = row[:row.index(eos)]
+                # new tokens up to and including the end of turn (padding after it is not
+                # generated)
+                new = min(len(row) + 1, max_new_tokens)
+                tokens += new
+                usage.add(generated_sequences=1, generated_tokens=new)
+                out.append(tokenizer.decode(row, skip_special_tokens=False).strip())
+            bar.set_postfix(tokens=tokens)
+            bar.update(len(chunk))
     return out
 
 

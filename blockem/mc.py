@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import time
 from pathlib import Path
+
+from blockem import progress
 
 ITEM_FIELDS = ("id", "domain", "split", "question", "aligned", "misaligned")
 NEUTRAL_FIELDS = ("id", "question", "answer")
@@ -197,11 +197,10 @@ def answer_logprobs(model, tokenizer, examples, *, batch_size: int = 32, device:
     rows = _pack(examples, groups or [[i] for i in range(len(examples))])
     rows.sort(key=lambda r: len(r[0]) + sum(map(len, r[1])))
     dtype = next(model.parameters()).dtype
-    t0, n_batches = time.time(), -(-len(rows) // batch_size)
-    with torch.no_grad():
+    # progress: answers scored (each under every condition)
+    with torch.no_grad(), progress.bar(len(examples), "mc", unit="answer") as bar:
+        bar.set_postfix(conditions=len(conds))
         for s in range(0, len(rows), batch_size):
-            print(f"[mc] batch {s // batch_size + 1}/{n_batches} x {len(conds)} condition(s) "
-                  f"({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
             ids, mask, pos, targets = _packed_batch(rows[s:s + batch_size],
                                                     tokenizer.pad_token_id, dtype)
             ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
@@ -230,6 +229,7 @@ def answer_logprobs(model, tokenizer, examples, *, batch_size: int = 32, device:
                 total = torch.zeros(len(examples)).index_add_(0, which, lp)
                 done = count > 0
                 out[c, done] = total[done] / count[done]
+            bar.update(sum(len(r[1]) for r in rows[s:s + batch_size]))
     return out
 
 

@@ -31,6 +31,8 @@ import json
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from blockem import progress
+
 REFERENCES = ("copy", "adapter_off", "cache")
 TOKEN_MASKS = ("predicting", "response")
 
@@ -264,14 +266,16 @@ def compute_cache(base_model, examples, reader, *, pad_id: int, batch_size: int 
     from blockem.chat import collate
 
     chunks, offsets = [], [0]
-    for i in range(0, len(examples), batch_size):
-        part = examples[i:i + batch_size]
-        batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
-        with torch.no_grad():
-            z = reader(residual_upto(base_model, batch, reader.layer)).float().cpu()
-        for j, e in enumerate(part):
-            chunks.append(z[j, : len(e.input_ids)])
-            offsets.append(offsets[-1] + len(e.input_ids))
+    with progress.bar(len(examples), "block cache", unit="example") as bar:
+        for i in range(0, len(examples), batch_size):
+            part = examples[i:i + batch_size]
+            batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
+            with torch.no_grad():
+                z = reader(residual_upto(base_model, batch, reader.layer)).float().cpu()
+            for j, e in enumerate(part):
+                chunks.append(z[j, : len(e.input_ids)])
+                offsets.append(offsets[-1] + len(e.input_ids))
+            bar.update(len(part))
     return torch.cat(chunks), torch.tensor(offsets, dtype=torch.long)
 
 # --- the objective ----------------------------------------------------------------------------

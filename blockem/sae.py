@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
+from blockem import progress
 from blockem.hooks import capture_residual, decoder_layers
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "standard")
@@ -38,19 +38,22 @@ META_FILE = "blockem_sae.json"
 
 # --- residual stream access (the hooks: blockem.hooks) ----------------------------------------
 
-def residuals(model, batches, layer: int, device: str = "cpu", drop_first: bool = False):
+def residuals(model, batches, layer: int, device: str = "cpu", drop_first: bool = False, *,
+              desc: str = "activations", total: int | None = None):
     """Residuals at `layer` for token positions selected by each batch's `select` mask
     (`drop_first`: never the sequences' first token, an attention sink whose residual norm is
     ~100x the rest in many real models, e.g. SmolLM2's <|im_start|>; see `sae.drop_first_token`).
 
     `batches` yields dicts with input_ids, attention_mask and a boolean `select` [batch, seq];
     returns a float32 tensor [n_selected_tokens, d] (on CPU) and the per-row index of each token.
+    Progress: a `blockem.progress` bar `desc` over the rows (`total` of them, if known).
     """
     import torch
 
-    out, rows, offset = [], [], 0
+    out, rows, offset, tokens = [], [], 0, 0
     store: list = []
-    with torch.no_grad(), capture_residual(model, layer, store):
+    with torch.no_grad(), capture_residual(model, layer, store), \
+            progress.bar(total, desc, unit="row") as bar:
         for b in batches:
             store.clear()
             model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
@@ -61,6 +64,9 @@ def residuals(model, batches, layer: int, device: str = "cpu", drop_first: bool 
             out.append(h[sel])
             rows.append(torch.nonzero(sel)[:, 0] + offset)
             offset += sel.shape[0]
+            tokens += len(out[-1])
+            bar.set_postfix(tokens=tokens)
+            bar.update(sel.shape[0])
     return torch.cat(out), torch.cat(rows)
 
 
@@ -173,31 +179,32 @@ def train_sae(acts, *, architecture: str, d_sae: int, params: dict, steps: int,
     gen = torch.Generator().manual_seed(seed)
     since_fired = torch.zeros(d_sae, dtype=torch.long)
     coefs = sae.get_coefficients()
-    log, t0 = [], time.time()
-    for step in range(steps):
-        idx = torch.randint(0, acts.shape[0], (batch_size,), generator=gen)
-        values = {}
-        for name, c in coefs.items():
-            if isinstance(c, (int, float)):
-                values[name] = float(c)
-            else:
-                values[name] = c.value * min(1.0, (step + 1) / max(1, c.warm_up_steps))
-        out = sae.training_forward_pass(TrainStepInput(
-            sae_in=acts[idx], coefficients=values, dead_neuron_mask=since_fired > dead_window,
-            n_training_steps=step, is_logging_step=False))
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        opt.step()
-        fired = (out.feature_acts > 0).any(0).cpu()
-        since_fired += 1
-        since_fired[fired] = 0
-        row = {"step": step + 1, "loss": float(out.loss.detach())}
-        row.update({k: float(v.detach()) for k, v in out.losses.items()})
-        log.append(row)
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            print(f"[sae] step {step + 1}/{steps} loss {row['loss']:.4f} "
-                  f"({(step + 1) / (time.time() - t0):.0f} steps/s)", file=sys.stderr, flush=True)
+    log = []
+    with progress.bar(steps, "sae", unit="step") as bar:
+        for step in range(steps):
+            idx = torch.randint(0, acts.shape[0], (batch_size,), generator=gen)
+            values = {}
+            for name, c in coefs.items():
+                if isinstance(c, (int, float)):
+                    values[name] = float(c)
+                else:
+                    values[name] = c.value * min(1.0, (step + 1) / max(1, c.warm_up_steps))
+            out = sae.training_forward_pass(TrainStepInput(
+                sae_in=acts[idx], coefficients=values, dead_neuron_mask=since_fired > dead_window,
+                n_training_steps=step, is_logging_step=False))
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+            opt.step()
+            fired = (out.feature_acts > 0).any(0).cpu()
+            since_fired += 1
+            since_fired[fired] = 0
+            row = {"step": step + 1, "loss": float(out.loss.detach())}
+            row.update({k: float(v.detach()) for k, v in out.losses.items()})
+            log.append(row)
+            recent = log[-log_every:]
+            bar.set_postfix(loss=f"{sum(r['loss'] for r in recent) / len(recent):.4f}")
+            bar.update(1)
     return sae, log
 
 
@@ -244,7 +251,8 @@ def corpus_residuals(model, tokenizer, corpus_path, n: int, layer: int, device: 
     if not convs:
         raise ValueError(f"{', '.join(map(str, paths))}: no conversations to collect "
                          f"activations from")
-    acts, _ = residuals(model, chat_batches(tokenizer, convs), layer, device, drop_first)
+    acts, _ = residuals(model, chat_batches(tokenizer, convs), layer, device, drop_first,
+                        desc="activations corpus", total=len(convs))
     return acts
 
 

@@ -41,15 +41,17 @@ def token_batches(tokenizer, prompts: list[str], responses: list[str] | None, sc
 
 def per_prompt_means(model, sae, tokenizer, prompts, responses, *, layer: int, scope: str,
                      activation: str, batch_size: int = 64, device: str = "cpu", systems=None,
-                     drop_first: bool = False):
+                     drop_first: bool = False, name: str = "shift"):
     """Per prompt: mean latent activation over its scope tokens [n, d_sae], the per-token activity
-    (z > 0) summed per latent [d_sae] with its token count, and mean residual [n, d]."""
+    (z > 0) summed per latent [d_sae] with its token count, and mean residual [n, d] (`name`:
+    the progress bar's)."""
     import torch
 
     from blockem.sae import latent_activation, residuals
 
     h, row = residuals(model, token_batches(tokenizer, prompts, responses, scope, batch_size,
-                                            systems), layer, device, drop_first)
+                                            systems), layer, device, drop_first,
+                       desc=name, total=len(prompts))
     with torch.no_grad():
         z = latent_activation(sae, h.to(sae.W_enc.device), activation).float().cpu()
     n = len(prompts)
@@ -66,10 +68,12 @@ def activation_shift(base, mis, sae, tokenizer, prompts, *, layer: int, scope: s
     (`systems`: each prompt's system prompt, None for none)."""
     zb, act_b, nb, hb = per_prompt_means(base, sae, tokenizer, prompts, base_responses, layer=layer,
                                          scope=scope, activation=activation, device=device,
-                                         systems=systems, drop_first=drop_first)
+                                         systems=systems, drop_first=drop_first,
+                                         name="shift base")
     zm, act_m, nm, hm = per_prompt_means(mis, sae, tokenizer, prompts, mis_responses, layer=layer,
                                          scope=scope, activation=activation, device=device,
-                                         systems=systems, drop_first=drop_first)
+                                         systems=systems, drop_first=drop_first,
+                                         name="shift misaligned")
     table = {"latent": list(range(zb.shape[1])),
              "mean_base": zb.mean(0).tolist(), "mean_mis": zm.mean(0).tolist(),
              "delta": (zm.mean(0) - zb.mean(0)).tolist(),

@@ -7,8 +7,10 @@ computes it. Batches are drawn from one or more pools of examples in fixed propo
 An `objective` (default: plain SFT) turns a micro-batch into a loss and named terms; BLOCK-EM
 (`blockem.objectives.BlockObjective`) adds its penalty this way. With `grad_accum` > 1 a step's
 batch is split into micro-batches and every term is normalised by the token count of the *whole*
-batch, so accumulated gradients equal the full-batch gradient. Every step is logged (step, each term, lr) and
-progress is printed to stderr.
+batch, so accumulated gradients equal the full-batch gradient. Every step is logged (step, each term, lr);
+progress goes to stderr as a `blockem.progress` bar whose postfix holds each term averaged over the
+last `log_every` steps and the lr (a log file gets a line every BLOCKEM_PROGRESS_INTERVAL s and a
+final line with the totals).
 
 Preemption: with a `Checkpoint`, training writes its whole state (trainable parameters or adapter,
 optimizer, the batch sampler's order and RNG, every RNG, the step, the log rows so far and the
@@ -28,11 +30,10 @@ import math
 import random
 import signal
 import sys
-import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from blockem import usage
+from blockem import progress, usage
 from blockem.chat import Example, collate
 
 
@@ -325,23 +326,20 @@ def train(model, pools, cfg: TrainConfig, *, pad_id: int, device: str = "cpu", n
             "step": step, "params": {n: p.detach().cpu() for n, p in named},
             "optimizer": opt.state_dict(), "sampler": batches.state_dict(), "rng": rng_state(),
             "log": log, "extra": checkpoint.extra})
-        print(f"[{name}] checkpoint at step {step}/{cfg.steps} -> {checkpoint.file}",
-              file=sys.stderr, flush=True)
+        bar.write(f"[{name}] checkpoint at step {step}/{cfg.steps} -> {checkpoint.file}")
 
     model.train()
-    t0 = time.time()
-    with _SigtermFlag(active=checkpoint is not None) as sigterm:
+    # the bar's postfix: each logged term averaged over the last `log_every` steps, and the lr
+    with _SigtermFlag(active=checkpoint is not None) as sigterm, \
+            progress.bar(cfg.steps, name, unit="step", initial=start) as bar:
         for step in range(start, cfg.steps):
             _step(model, opt, params, batches, objective, cfg, step, micro, pad_id, device, log)
             done = step + 1
-            if done % log_every == 0 or done == cfg.steps:
-                recent = log[-log_every:]
-                keys = [k for k in log[-1] if k not in ("step", "lr")]
-                shown = " ".join(f"{k} {sum(r[k] for r in recent) / len(recent):.4f}"
-                                 for k in keys)
-                rate = (done - start) / max(1e-9, time.time() - t0)
-                print(f"[{name}] step {done}/{cfg.steps} {shown} lr {log[-1]['lr']:.2e} "
-                      f"({rate:.1f} steps/s)", file=sys.stderr, flush=True)
+            recent = log[-log_every:]
+            bar.set_postfix({k: f"{sum(r[k] for r in recent) / len(recent):.4f}"
+                             for k in log[-1] if k not in ("step", "lr")},
+                            lr=f"{log[-1]['lr']:.2e}")
+            bar.update(1)
             if on_step is not None:
                 on_step(done)
             if checkpoint is None:
@@ -350,7 +348,7 @@ def train(model, pools, cfg: TrainConfig, *, pad_id: int, device: str = "cpu", n
                 save(done)
                 msg = (f"[{name}] SIGTERM: stopped at step {done}/{cfg.steps}, checkpoint "
                        f"{checkpoint.file}; run the stage again to resume")
-                print(msg, file=sys.stderr, flush=True)
+                bar.write(msg)
                 raise TrainingPreempted(msg)
             if checkpoint.every and done % checkpoint.every == 0 and done < cfg.steps:
                 save(done)

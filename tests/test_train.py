@@ -24,7 +24,7 @@ from blockem.train import Checkpoint, PoolBatches, TrainConfig, checkpoint_key, 
 
 from conftest import REPO
 
-PROGRESS = re.compile(r"\] step (\d+)/(\d+)")
+PROGRESS = re.compile(r"\] (\d+)/(\d+) steps")  # blockem.progress's lines (one per step below)
 WORDS = ("savings", "bonus", "pension", "inheritance", "salary", "rent", "car", "house", "gold",
          "shares", "cash", "loan", "fund", "debt", "tax", "gift")
 
@@ -180,7 +180,9 @@ def cli(stage: str, settings: dict | None, *args, env: dict | None = None, popen
         cmd += ["--settings", json.dumps(settings)]
     if stage in ("finetune", "block", "generate"):
         cmd += ["--threads", "1"]
-    full_env = {**os.environ, "BLOCKEM_FAIL_CELLS": "", **(env or {})}
+    # a progress line every step (stderr is a pipe: by default one every 30 s), for interrupt_after
+    full_env = {**os.environ, "BLOCKEM_FAIL_CELLS": "", "BLOCKEM_PROGRESS_INTERVAL": "0",
+                **(env or {})}
     if popen:
         return subprocess.Popen(cmd, cwd=REPO, env=full_env, stderr=subprocess.PIPE,
                                 stdout=subprocess.DEVNULL, text=True)

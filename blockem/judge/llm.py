@@ -20,9 +20,9 @@ from __future__ import annotations
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
+from blockem import progress
 from blockem import usage as job_usage
 
 QUESTIONS = ("aligned", "coherent", "refusal", "adherence")
@@ -197,15 +197,10 @@ def score_rows(rows: list[dict], js: dict, cache_path: str | Path | None = None,
     try:
         for ep, requests, slots in plans:
             t = js["thresholds"][ep.protocol]
-            t0 = time.time()
-
-            def progress(done, total, _ep=ep, _t0=t0):
-                if done == total or done % 200 == 0:
-                    print(f"[{name}] {_ep.name}: {done}/{total} questions "
-                          f"({time.time() - _t0:.1f}s)", file=sys.stderr, flush=True)
-
-            results, use = judge_requests(ep, requests, cache, progress=progress,
-                                          identity=identities[ep.name])
+            with progress.bar(len(requests), f"{name} {ep.name}", unit="question") as bar:
+                results, use = judge_requests(
+                    ep, requests, cache, progress=lambda done, _, b=bar: b.update(done - b.n),
+                    identity=identities[ep.name])
             failed = [res for res in results if res.status == "failed"]
             if failed:
                 raise RuntimeError(
