@@ -44,6 +44,15 @@ def cmd_settings(args) -> None:
     print(json.dumps({"config_hash": settings_hash(s), "settings": s}, indent=2))
 
 
+def cmd_status(args) -> None:
+    from blockem.status import render, status
+
+    st = status(args.directory, args.configfile, args.snakefile)
+    print(json.dumps(st, indent=2) if args.json else render(st, show_done=args.done))
+    if st["total"]["failed"]:
+        raise SystemExit(1)
+
+
 def cmd_world(args) -> None:
     from blockem.io import provenance
     from blockem.toy.world import WorldConfig, write_world
@@ -352,6 +361,19 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("validate", help="validate config files against the schema")
     sp.add_argument("config", nargs="*", default=["config/config.yaml"])
     sp.set_defaults(fn=cmd_validate)
+    sp = sub.add_parser(
+        "status", help="which jobs are done, failed (with the log to read), running or missing",
+        description="Per rule: done, failed, running and missing jobs of the workflow (Snakemake's "
+        "DAG for these config files and directory, and its metadata in <directory>/.snakemake), "
+        "then every failed job with its log and last error line, and the running ones. Exit "
+        "status 1 when a job failed (see blockem/status.py)")
+    sp.add_argument("--configfile", nargs="*", default=[],
+                    help="config files layered on config/config.yaml, as given to snakemake")
+    sp.add_argument("--directory", default=".", help="the directory snakemake runs in")
+    sp.add_argument("--snakefile", help="default: ./Snakefile, else the repository's")
+    sp.add_argument("--done", action="store_true", help="also list the done jobs")
+    sp.add_argument("--json", action="store_true", help="every job and its state as JSON")
+    sp.set_defaults(fn=cmd_status)
     sp = sub.add_parser("settings", help="print the settings (and their hash) a stage would use")
     sp.add_argument("stage")
     sp.add_argument("--domain")

@@ -4,6 +4,7 @@ removed."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -113,6 +114,15 @@ def cell_outputs(res: Path, cell: str) -> list[Path]:
             res / "metrics" / "cells" / f"{cell}.parquet"]
 
 
+def status(work: Path, *configfiles: Path, json_out: bool = True):
+    """`python -m blockem status` of the run in `work` (exit status 1: a job failed)."""
+    r = subprocess.run([sys.executable, "-m", "blockem", "status", "--directory", str(work),
+                        "--configfile", *map(str, configfiles), *["--json"] * json_out],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode in (0, 1), r.stderr
+    return r, (json.loads(r.stdout) if json_out else r.stdout)
+
+
 def test_failed_cell_reruns_alone(tmp_path):
     from blockem.figures import available
 
@@ -138,6 +148,28 @@ def test_failed_cell_reruns_alone(tmp_path):
     assert not failed.exists() and not temps(failed)
     assert not any(p.exists() for p in cell_outputs(res, FAIL))
     assert not (res / "metrics" / "summary.parquet").exists()
+
+    # `blockem status` names the failed job and its log; every other cell is done
+    r, st = status(work, SMOKE, trim, faults)
+    assert r.returncode == 1
+    jobs = {j["name"]: j for j in st["jobs"]}
+    train = jobs[f"block_train[run={FAIL}]"]
+    assert [j["name"] for j in st["jobs"] if j["state"] == "failed"] == [train["name"]]
+    assert train["logs"] == [f"results/logs/block/train/{FAIL}.log"]
+    assert train["error"] == (f"blockem block: error: injected failure for cell {FAIL} "
+                              "(faults.fail_cells)")
+    for cell in OTHER_CELLS:
+        for rule in ("generate", "judge", "cell_metrics"):
+            assert jobs[f"{rule}[cell={cell}]"]["state"] == "done", (rule, cell)
+    assert jobs["block_train[run=kl-finance-l1-s0]"]["state"] == "done"
+    assert {jobs[f"{rule}[cell={FAIL}]"]["state"] for rule in ("generate", "judge")} == {
+        "missing"}
+    assert st["total"]["running"] == 0 and st["rules"]["summary"]["missing"] == 1
+    r, table = status(work, SMOKE, trim, faults, json_out=False)
+    assert r.returncode == 1
+    assert f"log:   {res / 'logs' / 'block' / 'train' / f'{FAIL}.log'}" in table, table
+    assert "error: blockem block: error: injected failure" in table, table
+
     done = {p: p.stat().st_mtime_ns for p in res.rglob("*")
             if p.is_file() and not {"logs", "benchmarks"} & set(p.relative_to(res).parts)}
 
@@ -155,3 +187,5 @@ def test_failed_cell_reruns_alone(tmp_path):
     cells = {r["cell"] for r in pq.read_table(res / "metrics" / "summary.parquet").to_pylist()}
     assert cells == {*OTHER_CELLS, FAIL}
     assert "Nothing to be done" in snakemake(work, "-n", configfiles=(SMOKE, trim)).stdout
+    r, st = status(work, SMOKE, trim)
+    assert r.returncode == 0 and st["total"]["done"] == len(st["jobs"]), st["total"]
