@@ -44,6 +44,20 @@ def cmd_settings(args) -> None:
     print(json.dumps({"config_hash": settings_hash(s), "settings": s}, indent=2))
 
 
+def cmd_plan(args) -> None:
+    from blockem.plan import make_plan, render_table
+
+    assume = {}
+    for item in args.prompts or []:
+        name, _, n = item.partition("=")
+        if not n.isdigit():
+            raise ValueError(f"--prompts {item!r}: expected EVAL_SET=N, e.g. core=44")
+        assume[name] = int(n)
+    plan = make_plan(args.configfile, args.directory, assume, args.profile)
+    print(json.dumps(plan, indent=2) if args.json
+          else render_table(plan, args.markdown, args.all_rules))
+
+
 def cmd_status(args) -> None:
     from blockem.status import render, status
 
@@ -361,6 +375,23 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("validate", help="validate config files against the schema")
     sp.add_argument("config", nargs="*", default=["config/config.yaml"])
     sp.set_defaults(fn=cmd_validate)
+    sp = sub.add_parser(
+        "plan", help="what a run will cost: per rule jobs, trained and generated tokens, judge "
+        "requests and prompt tokens (and GPU-hours with --profile), from Snakemake's dry run",
+        description="Per rule: jobs, trained sequences/tokens, generated sequences/tokens, judge "
+        "requests and judge prompt tokens of the whole workflow from scratch (see blockem/plan.py)")
+    sp.add_argument("--configfile", nargs="*", default=[],
+                    help="config files layered on config/config.yaml, as given to snakemake")
+    sp.add_argument("--directory", default=".", help="the directory snakemake runs in")
+    sp.add_argument("--profile", help="throughput profile YAML (train_tokens_per_s, "
+                    "generate_tokens_per_s, judge_prompt_tokens_per_s, judge_gpus): GPU-hours")
+    sp.add_argument("--prompts", nargs="*", metavar="SET=N",
+                    help="prompt counts of eval sets whose files are not here, e.g. core=44")
+    sp.add_argument("--markdown", action="store_true", help="a markdown table")
+    sp.add_argument("--all-rules", action="store_true",
+                    help="a row for every rule (default: rules that cost nothing in one row)")
+    sp.add_argument("--json", action="store_true", help="the plan as JSON")
+    sp.set_defaults(fn=cmd_plan)
     sp = sub.add_parser(
         "status", help="which jobs are done, failed (with the log to read), running or missing",
         description="Per rule: done, failed, running and missing jobs of the workflow (Snakemake's "

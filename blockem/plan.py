@@ -1,8 +1,8 @@
 """`python -m blockem plan`: what a run will cost, before it runs.
 
-The jobs are Snakemake's own: a dry run of the whole DAG (`snakemake -n --forceall --nolock`,
-nothing runs and nothing is written) with the same config files, in the directory the workflow
-would run in. Local data files that are missing (a cluster's data not copied to the laptop yet)
+The jobs are Snakemake's own: its DAG of the whole workflow (built in process as `snakemake
+--summary` builds it, by `blockem.status.workflow_jobs`; nothing runs, nothing is written, done
+jobs count too) with the same config files, in the directory the workflow would run in. Local data files that are missing (a cluster's data not copied to the laptop yet)
 are replaced by empty placeholders for the dry run only, so the DAG is built from the config
 alone. Each job's cost is then read from the settings of its rule, in units that do not depend
 on the machine (the columns of `blockem.usage`, which every job prints at the end of its log):
@@ -31,10 +31,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
-import shutil
-import subprocess
-import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -110,38 +106,23 @@ def placeholder_overlay(cfg: dict, tmp: Path) -> dict | None:
     return {"data": data}
 
 
-def parse_dry_run(text: str) -> list[tuple[str, dict[str, str]]]:
-    """(rule, wildcards) of every job a `snakemake -n` printed."""
-    jobs: list[tuple[str, dict[str, str]]] = []
-    for line in text.splitlines():
-        m = re.match(r"^(?:local)?rule (\w+):\s*$", line)
-        if m:
-            jobs.append((m.group(1), {}))
-            continue
-        m = re.match(r"^\s+wildcards: (.*)$", line)
-        if m and jobs:
-            jobs[-1][1].update(kv.split("=", 1) for kv in m.group(1).split(", ") if "=" in kv)
-    return jobs
-
-
 def dag_jobs(configfiles: list[str], cfg: dict, directory: str | Path = ".",
              snakefile: Path = SNAKEFILE) -> list[tuple[str, dict[str, str]]]:
-    """Every job of the workflow as Snakemake plans it from scratch (rule, wildcards)."""
-    exe = shutil.which("snakemake") or str(Path(sys.executable).with_name("snakemake"))
+    """Every job of the workflow as Snakemake plans it (rule, wildcards): its DAG, built in
+    process and run nowhere (`blockem.status.workflow_jobs`, which `status` reads too)."""
+    from blockem.status import workflow_jobs
+
     with tempfile.TemporaryDirectory(prefix="blockem-plan-") as tmp:
-        files = [str(Path(f).resolve()) for f in configfiles]
+        files = [Path(f).resolve() for f in configfiles]
         overlay = placeholder_overlay(cfg, Path(tmp))
         if overlay is not None:
             (Path(tmp) / "placeholders.yaml").write_text(yaml.safe_dump(overlay))
-            files.append(str(Path(tmp) / "placeholders.yaml"))
-        cmd = [exe, "--snakefile", str(snakefile), "--directory", str(directory), "-n",
-               "--forceall", "--nolock", "--cores", "1"]
-        cmd += ["--configfile", *files] if files else []
-        r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        err = "\n".join((r.stderr or r.stdout).strip().splitlines()[-15:])
-        raise PlanError(f"snakemake could not plan this config:\n{err}")
-    return [(rule, wc) for rule, wc in parse_dry_run(r.stdout + r.stderr) if rule != "all"]
+            files.append(Path(tmp) / "placeholders.yaml")
+        try:
+            jobs = workflow_jobs(Path(directory).resolve(), files, snakefile)
+        except ValueError as e:
+            raise PlanError(str(e)) from None
+    return [(j.rule, j.wildcards) for j in jobs]
 
 
 # --- the prompts ------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """`blockem plan`: the jobs (Snakemake's dry run) and each rule's cost from the config.
 
 The comparison with what a real run consumed is tests/workflow/test_workflow.py
-(`test_plan_matches_what_the_run_did`); here: the cost formulas, the dry-run parser, the
+(`test_plan_matches_what_the_run_did`); here: the cost formulas, the
 placeholders that let a config be planned without its data, LLM judge requests, the throughput
 profile, and the paper preset end to end (fast: no job runs)."""
 
@@ -16,30 +16,12 @@ import yaml
 
 from blockem.config import load_config
 from blockem.plan import (COLUMNS, Coster, JudgeCost, PlanError, gpu_hours, load_profile,
-                          make_plan, parse_dry_run, placeholder_overlay, prompt_rows,
+                          make_plan, placeholder_overlay, prompt_rows,
                           render_table)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "config" / "config.yaml"
 PAPER = REPO / "config" / "presets" / "llama31-8b-goodfire.yaml"
-
-
-def test_parse_dry_run_reads_rules_and_wildcards():
-    text = """Building DAG of jobs...
-rule screen:
-    input: a, b
-    output: results/discovery/finance-s0/screen/1.parquet
-    jobid: 26
-    wildcards: domain=finance, seed=0, shard=1
-    resources: tmpdir=/tmp
-localrule summary:
-    input: x
-    jobid: 3
-localrule all:
-    jobid: 0
-"""
-    assert parse_dry_run(text) == [("screen", {"domain": "finance", "seed": "0", "shard": "1"}),
-                                   ("summary", {}), ("all", {})]
 
 
 def test_toy_costs_follow_the_settings():
