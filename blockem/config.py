@@ -118,12 +118,32 @@ def _check_semantics(cfg: dict, source: str) -> None:
     for key in need:
         if not disc["sae"][key]:
             raise ConfigError(f"{source}: 'discovery.sae.{key}' is required with source '{src}'")
+    _check_adaptive(cfg, source)
     _check_block(cfg, source)
     _check_faults(cfg, source)
     m = cfg["model"]
     if is_toy(cfg) and m["hidden_size"] % m["num_heads"]:
         raise ConfigError(f"{source}: 'model.hidden_size' ({m['hidden_size']}) must be a "
                           f"multiple of 'model.num_heads' ({m['num_heads']})")
+
+
+def _check_adaptive(cfg: dict, source: str) -> None:
+    """discovery.adaptive: sampled answers to pool (not the deterministic MC scorer), and baseline
+    samples a whole number of rounds' samples (the unsteered rows are copies of one condition)."""
+    a = cfg["discovery"].get("adaptive")
+    if not (a and a.get("enabled")):
+        return
+    from blockem import adaptive
+
+    a = adaptive.settings(a)
+    if cfg["discovery"].get("scorer", "generate") != "generate":
+        raise ConfigError(f"{source}: 'discovery.adaptive': the adaptive screen pools sampled "
+                          f"answers; it needs discovery.scorer 'generate' (the mc scorer is "
+                          f"deterministic)")
+    if a["baseline_samples_per_prompt"] % a["samples_per_prompt"]:
+        raise ConfigError(f"{source}: 'discovery.adaptive.baseline_samples_per_prompt' "
+                          f"({a['baseline_samples_per_prompt']}) must be a multiple of "
+                          f"'samples_per_prompt' ({a['samples_per_prompt']})")
 
 
 def _check_faults(cfg: dict, source: str) -> None:
@@ -468,8 +488,26 @@ def _discovery_scored(stage):
             out["mc"] = _max_length(cfg)
         else:  # generated answers, judged (absent key: the settings hash is unchanged)
             out["judge"] = judge_settings(cfg)
-        return out
+        return _with_adaptive(cfg, stage, out)
     return settings
+
+
+def _with_adaptive(cfg: dict, stage: str, out: dict) -> dict:
+    """discovery.adaptive (blockem/adaptive.py) in the screen, calibrate and select settings, only
+    when enabled: configs without it (or with enabled: false) keep their settings hashes. The
+    adaptive calibration also reads the selection size (its confirmation cut) and whether an
+    empty candidate set may go on."""
+    from blockem import adaptive
+
+    a = cfg["discovery"].get("adaptive")
+    if stage not in ("screen", "calibrate", "select") or not (a and a.get("enabled")):
+        return out
+    out["discovery"]["adaptive"] = adaptive.settings(a)
+    if stage == "calibrate":
+        out["discovery"]["adaptive"]["select_size"] = cfg["discovery"]["select"]["size"]
+        if cfg.get("allow_empty_interventions"):
+            out["allow_empty_interventions"] = True
+    return out
 
 
 STAGES = {
@@ -496,7 +534,7 @@ STAGES = {
     "shift": _discovery("shift"),
     "screen": _discovery_scored("screen"),
     "calibrate": _discovery_scored("calibrate"),
-    "select": _discovery("select"),
+    "select": lambda cfg, dom: _with_adaptive(cfg, "select", _discovery("select")(cfg, dom)),
     "joint": _discovery_scored("joint"),
 }
 

@@ -306,6 +306,8 @@ class Coster:
         if d.get("scorer", "generate") == "mc":
             return _zero()  # teacher-forced MC items: no generation, no judge
         pool = 2 * d["candidates_per_sign"]
+        if rule in ("screen", "calibrate") and (d.get("adaptive") or {}).get("enabled"):
+            return self._adaptive(rule, wc, pool)
         if rule == "screen":
             sc = d["screen"]
             shard, shards = int(wc["shard"]), sc["shards"]
@@ -319,6 +321,29 @@ class Coster:
             cal = d["calibrate"]
             conditions, samples = 1 + len(cal["joint_factors"]), cal["samples_per_prompt"]
         return self._gen(self._core(wc["domain"]), samples, conditions, d["max_new_tokens"])
+
+    def _adaptive(self, rule: str, wc: dict[str, str], pool: int) -> Counter:
+        """discovery.adaptive (blockem/adaptive.py): the screen exactly (every candidate once, the
+        baselines' copies); the calibration's rounds depend on the answers, so an upper bound:
+        every candidate refined each screen round, a full bisection of every shortlisted latent
+        and mode, every one confirmed each confirm round."""
+        import math
+
+        from blockem import adaptive
+
+        d = self.cfg["discovery"]
+        a = adaptive.settings(d["adaptive"])
+        if rule == "screen":
+            n = len(range(int(wc["shard"]), pool, d["screen"]["shards"]))
+            conditions = 2 * (adaptive.baseline_copies(a) + n)
+        else:
+            cal = d["calibrate"]
+            short = min(cal["shortlist"], pool)
+            probes = math.ceil(math.log2(len(cal["alphas"]) + 1))
+            conditions = 2 * (pool * a["screen_rounds"]
+                              + short * (probes + a["confirm_rounds"]))
+        return self._gen(self._core(wc["domain"]), a["samples_per_prompt"], conditions,
+                         d["max_new_tokens"])
 
 
 # --- the table --------------------------------------------------------------------------------

@@ -51,7 +51,13 @@ def within_budget(incoherence: float, unsteered: float, budget: dict) -> bool:
 
 
 def _baselines(rows):
-    return {r["mode"]: r for r in rows if r["latent"] == -1}
+    """The unsteered row of each mode; a mode with steered rows but no unsteered row is an error
+    (its gains would have nothing to be measured against)."""
+    base = {r["mode"]: r for r in rows if r["latent"] == -1}
+    missing = sorted({r["mode"] for r in rows if r["latent"] >= 0} - set(base))
+    if missing:
+        raise ValueError(f"steering table: no unsteered row (latent -1) for mode(s) {missing}")
+    return base
 
 
 def _gain(row, base, budget) -> float:
@@ -77,7 +83,11 @@ def screen_scores(rows: list[dict], budget: dict) -> dict[int, dict]:
 
 def calibration_scores(rows: list[dict], budget: dict) -> dict[int, dict]:
     """Stage 3: latent -> alpha_ind, alpha_rep (None if no alpha is inside the budget), the gains
-    there, `valid` (both gains > 0) and `score` (the repair reduction at alpha_rep)."""
+    there, `valid` (both gains > 0) and `score` (the repair reduction at alpha_rep).
+
+    Only the rows present count: a partial sweep (the adaptive screen's, `blockem.adaptive`)
+    gives the strongest *measured* alpha inside the budget, and a latent with no row of a mode has
+    no alpha* there (invalid)."""
     base = _baselines(rows)
     out: dict[int, dict] = {}
     for r in sorted((r for r in rows if r["latent"] >= 0), key=lambda r: r["alpha"]):

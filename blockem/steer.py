@@ -6,7 +6,9 @@ did); repair steers the misaligned model with -alpha * s_k. Every (latent, alpha
 shard is one block of rows in the same batched `generate` call (a per-row steering vector), and
 answers are labelled by the same judge as the evaluation. The vectors are made by
 `blockem.sae.steering_vectors` (one latent) and `blockem.sae.set_vector` (a whole set, jointly) and
-added by `blockem.hooks.steering`.
+added by `blockem.hooks.steering`. `discovery.adaptive` swaps the exhaustive stage 2-3 grids
+for rounds that spend answers only where they can change the selected set (`blockem.adaptive`,
+same tables with the conditions not run absent).
 
 With the `generate` scorer the screen and calibration tables also keep a few of the judged answers
 of every condition (column `samples`: `KEEP_ANSWERS` answers, to the same prompts in every
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from blockem import adaptive
 from blockem.sae import set_vector, steering_vectors
 
 # judged answers kept per steering condition in the screen / calibration tables (latent cards):
@@ -122,7 +125,8 @@ def _gen(d: dict) -> dict:
 def screen_stage(shift_path: Path, base_dir, mis_dir, sae_dir, prompts_path, out: Path,
                  settings: dict, shard: int, threads: int = 1, judge_cache=None,
                  mc=None) -> None:
-    """Stage 2 for one shard of the candidate pool (every `shards`-th candidate)."""
+    """Stage 2 for one shard of the candidate pool (every `shards`-th candidate); with
+    `discovery.adaptive` every candidate once with its few samples (`blockem.adaptive`)."""
     import pyarrow as pa
 
     from blockem.io import provenance, write_table
@@ -134,10 +138,13 @@ def screen_stage(shift_path: Path, base_dir, mis_dir, sae_dir, prompts_path, out
     pool = candidates(shift_path)[shard::sc["shards"]]
     ctx = load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads,
                          judge_cache=judge_cache, mc=mc)
-    rows = steer_table(ctx["base"], ctx["mis"], ctx["sae"], pool, [sc["alpha"]],
-                       scale=ctx["scale"],
-                       score=scorer(ctx, d, sc["samples_per_prompt"], d["seed"] + shard,
-                                    keep=KEEP_ANSWERS))
+    if adaptive.enabled(d):  # every candidate once, few samples (blockem/adaptive.py)
+        rows = adaptive.screen_rows(ctx, d, pool, seed=d["seed"] + shard, keep=KEEP_ANSWERS)
+    else:
+        rows = steer_table(ctx["base"], ctx["mis"], ctx["sae"], pool, [sc["alpha"]],
+                           scale=ctx["scale"],
+                           score=scorer(ctx, d, sc["samples_per_prompt"], d["seed"] + shard,
+                                        keep=KEEP_ANSWERS))
     write_table(out, pa.Table.from_pylist(rows),
                 provenance("screen", settings, d["seed"] + shard, shard=shard, scale=ctx["scale"]))
 
@@ -145,7 +152,9 @@ def screen_stage(shift_path: Path, base_dir, mis_dir, sae_dir, prompts_path, out
 def calibrate_stage(shift_path: Path, screen_paths: list[Path], base_dir, mis_dir, sae_dir,
                     prompts_path, out: Path, settings: dict, threads: int = 1,
                     judge_cache=None, mc=None) -> None:
-    """Stage 3 sweeps: every alpha for the stage-2 shortlist, both modes."""
+    """Stage 3 sweeps: every alpha for the stage-2 shortlist, both modes; with
+    `discovery.adaptive` the shortlist cut refined, alpha* bisected and the uncertain confirmed
+    (`blockem.adaptive`: the same columns, rows of conditions not run absent)."""
     import pyarrow as pa
 
     from blockem.io import provenance, write_table
@@ -154,6 +163,17 @@ def calibrate_stage(shift_path: Path, screen_paths: list[Path], base_dir, mis_di
 
     d = settings["discovery"]
     cal = d["calibrate"]
+    if adaptive.enabled(d):  # refine, bisect alpha*, confirm (blockem/adaptive.py)
+        screen = read_rows(screen_paths)
+        ctx = load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads,
+                             judge_cache=judge_cache, mc=mc)
+        rows, record = adaptive.calibrate_rows(
+            ctx, d, screen, select_size=d["adaptive"]["select_size"], keep=KEEP_ANSWERS,
+            allow_empty=bool(settings.get("allow_empty_interventions")))
+        write_table(out, pa.Table.from_pylist(rows),
+                    provenance("calibrate", settings, d["seed"], scale=ctx["scale"],
+                               adaptive=record))
+        return
     scores = screen_scores(read_rows(screen_paths), d["incoherence_budget"])
     shortlist = sorted(scores, key=lambda k: (-scores[k]["indpp"], k))[:cal["shortlist"]]
     latents = [{"latent": k, "sign": scores[k]["sign"]} for k in shortlist]

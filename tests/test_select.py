@@ -96,3 +96,48 @@ def test_union_and_repair_alpha_transfer():
     ref = [{"calib_alpha_rep": 0.3}, {"calib_alpha_rep": None}]
     out = with_repair_alphas([{"latent": 7}, {"latent": 8}, {"latent": 9}], ref, fallback=0.5)
     assert [k["alpha_rep"] for k in out] == [0.3, 0.5, 0.5]
+
+
+def partial_rows():
+    """A sweep as the adaptive screen leaves it (blockem/adaptive.py): only the probed alphas."""
+    return BASE + [
+        # latent 0: bisection probed 0.5 (in), 0.8 (out), 0.6 (in) -> alpha* 0.6 on both modes
+        row(0, "induce", 0.5, 0.30, 0.05), row(0, "induce", 0.8, 0.60, 0.40),
+        row(0, "induce", 0.6, 0.35, 0.09),
+        row(0, "repair", 0.6, 0.30, 0.10), row(0, "repair", 0.5, 0.45, 0.05),
+        row(0, "repair", 0.8, 0.05, 0.50),
+        # latent 1: 0.5 out, 0.3 in, 0.4 out -> alpha* 0.3; its gain is the 0.3 row's
+        row(1, "induce", 0.5, 0.50, 0.30), row(1, "induce", 0.3, 0.10, 0.02),
+        row(1, "induce", 0.4, 0.20, 0.20),
+        row(1, "repair", 0.3, 0.60, 0.02), row(1, "repair", 0.5, 0.20, 0.60),
+        row(1, "repair", 0.4, 0.40, 0.30),
+        # latent 2: only repair rows (no induce measured): never valid, whatever its repair
+        row(2, "repair", 0.5, 0.00, 0.01, -1),
+        # latent 3: every probe out of budget
+        row(3, "induce", 0.3, 0.50, 0.50), row(3, "induce", 0.2, 0.40, 0.30),
+        row(3, "repair", 0.1, 0.10, 0.40),
+    ]
+
+
+def test_calibration_and_selection_on_a_partial_sweep():
+    c = calibration_scores(partial_rows(), FLAT)
+    assert (c[0]["alpha_ind"], c[0]["alpha_rep"]) == (0.6, 0.6)
+    assert c[0]["induce_gain"] == pytest.approx(0.33) and c[0]["score"] == pytest.approx(0.50)
+    assert (c[1]["alpha_ind"], c[1]["alpha_rep"]) == (0.3, 0.3)
+    assert c[1]["induce_gain"] == pytest.approx(0.08) and c[1]["score"] == pytest.approx(0.20)
+    assert c[2]["alpha_ind"] is None and c[2]["alpha_rep"] == 0.5 and not c[2]["valid"]
+    assert c[3]["alpha_ind"] is None and c[3]["alpha_rep"] is None and not c[3]["valid"]
+    # row order does not matter (rows are sorted by alpha before the last in-budget one wins)
+    assert calibration_scores(list(reversed(partial_rows())), FLAT) == c
+    chosen = select("validreduc", 5, shift=SHIFT, screen={}, calib=c)
+    assert [k["latent"] for k in chosen] == [0, 1]
+    assert [k["calib_alpha_rep"] for k in chosen] == [0.6, 0.3]
+    assert [k["latent"] for k in select("validreduc", 1, shift=SHIFT, screen={}, calib=c)] == [0]
+
+
+def test_a_steering_table_without_its_unsteered_row_is_an_error():
+    rows = [r for r in partial_rows() if not (r["latent"] == -1 and r["mode"] == "repair")]
+    with pytest.raises(ValueError, match=r"no unsteered row .* \['repair'\]"):
+        calibration_scores(rows, FLAT)
+    with pytest.raises(ValueError, match="no unsteered row"):
+        screen_scores(rows, FLAT)
