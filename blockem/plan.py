@@ -21,8 +21,8 @@ on the machine (the columns of `blockem.usage`, which every job prints at the en
   characters per token (`estimated`). The toy judge is exact and makes no request.
 
 Prompt counts come from the toy world (the toy), from `<results>/world/prompts.parquet` when
-prepare_data has run, else from the local prompt files; `--prompts core=44` stands in for a
-prompt set whose files are not here. Given a throughput profile (YAML: `train_tokens_per_s`,
+prepare_data has run, else from the prompt files (before de-duplication: an upper bound);
+`--prompts core=44` stands in for a prompt set whose files are not here. Given a throughput profile (YAML: `train_tokens_per_s`,
 `generate_tokens_per_s`, `judge_prompt_tokens_per_s`, `judge_gpus`; `bench/gpu.py --profile`
 measures the first two on a GPU), every rule also gets GPU-hours.
 """
@@ -130,8 +130,9 @@ def dag_jobs(configfiles: list[str], cfg: dict, directory: str | Path = ".",
 def prompt_rows(cfg: dict, assume: dict[str, int] | None = None) -> list[dict]:
     """The evaluation prompts (eval_set, domain, prompt, system) every generate job answers.
 
-    `assume` (eval set -> count) stands in for prompt sets whose files are not on disk: that many
-    prompts of an average length of the judge templates' questions, no domain."""
+    Real data: the prompt table of prepare_data when it has run, else the prompt sources read
+    here (before prepare_data drops duplicates: an upper bound then). `assume` (eval set ->
+    count) stands in for prompt sets not on disk: that many empty prompts without a domain."""
     from blockem.io import PROMPT_COLUMNS, PROMPT_TABLE, read_checked
 
     assume = dict(assume or {})
@@ -160,7 +161,12 @@ def prompt_rows(cfg: dict, assume: dict[str, int] | None = None) -> list[dict]:
                         f"{src['path']}: prompt file of data.prompts.{eval_set} not found; "
                         f"plan needs the number of prompts: copy the file here or pass "
                         f"--prompts {eval_set}=N")
-                for r in read_prompts(src):
+                try:
+                    read = read_prompts(src)
+                except Exception as e:  # a Hub dataset without the Hub, a broken file
+                    raise PlanError(f"data.prompts.{eval_set}: cannot read {src} ({e}); pass "
+                                    f"--prompts {eval_set}=N") from None
+                for r in read:
                     rows.append({"eval_set": eval_set, "domain": r.get("domain") or domain,
                                  "prompt": r["prompt"], "system": r.get("system")})
     if assume:
