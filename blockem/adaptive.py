@@ -243,11 +243,10 @@ def measure(base, mis, sae, conds: list[dict], *, scale: float, score,
     return out
 
 
-def screen_rows(ctx: dict, d: dict, pool_latents: list[dict], *, seed: int,
+def screen_rows(ctx: dict, d: dict, pool_latents: list[dict], *, scorer, seed: int,
                 keep: int) -> list[dict]:
-    """Stage 2 of one shard, adaptive: every candidate once, `samples_per_prompt` samples."""
-    from blockem.steer import scorer
-
+    """Stage 2 of one shard, adaptive: every candidate once, `samples_per_prompt` samples.
+    `scorer(ctx, d, samples, seed, keep)` makes the score function (`blockem.steer.scorer`)."""
     a = settings(d["adaptive"])
     conds = [{"latent": k["latent"], "sign": k["sign"], "mode": m, "alpha": d["screen"]["alpha"]}
              for m in MODES for k in pool_latents]
@@ -256,12 +255,12 @@ def screen_rows(ctx: dict, d: dict, pool_latents: list[dict], *, seed: int,
                    baseline=baseline_copies(a))
 
 
-def calibrate_rows(ctx: dict, d: dict, screen: list[dict], *, select_size: int, keep: int,
-                   allow_empty: bool = False, log=print):
-    """Stage 3, adaptive (steps 2-4 of the module docstring), from the shards' round-1 rows.
-    Returns (calibration rows, a record of the rounds for the provenance)."""
+def calibrate_rows(ctx: dict, d: dict, screen: list[dict], *, scorer, select_size: int,
+                   keep: int, allow_empty: bool = False, log=print):
+    """Stage 3, adaptive (steps 2-4 of the module docstring), from the shards' round-1 rows;
+    `scorer` as in `screen_rows`. Returns (calibration rows, a record of the rounds for the
+    provenance)."""
     from blockem.errors import EmptyIntervention
-    from blockem.steer import scorer
 
     a = settings(d["adaptive"])
     cal = d["calibrate"]

@@ -139,7 +139,8 @@ def screen_stage(shift_path: Path, base_dir, mis_dir, sae_dir, prompts_path, out
     ctx = load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads,
                          judge_cache=judge_cache, mc=mc)
     if adaptive.enabled(d):  # every candidate once, few samples (blockem/adaptive.py)
-        rows = adaptive.screen_rows(ctx, d, pool, seed=d["seed"] + shard, keep=KEEP_ANSWERS)
+        rows = adaptive.screen_rows(ctx, d, pool, scorer=scorer, seed=d["seed"] + shard,
+                                    keep=KEEP_ANSWERS)
     else:
         rows = steer_table(ctx["base"], ctx["mis"], ctx["sae"], pool, [sc["alpha"]],
                            scale=ctx["scale"],
@@ -168,7 +169,8 @@ def calibrate_stage(shift_path: Path, screen_paths: list[Path], base_dir, mis_di
         ctx = load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads,
                              judge_cache=judge_cache, mc=mc)
         rows, record = adaptive.calibrate_rows(
-            ctx, d, screen, select_size=d["adaptive"]["select_size"], keep=KEEP_ANSWERS,
+            ctx, d, screen, scorer=scorer, select_size=d["adaptive"]["select_size"],
+            keep=KEEP_ANSWERS,
             allow_empty=bool(settings.get("allow_empty_interventions")))
         write_table(out, pa.Table.from_pylist(rows),
                     provenance("calibrate", settings, d["seed"], scale=ctx["scale"],

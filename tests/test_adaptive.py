@@ -42,7 +42,7 @@ BASE_EM = {"induce": 0.02, "repair": 0.78}
 
 
 def oracle(t: dict, *, noise: bool = False, calls: list | None = None):
-    """A stand-in for blockem.steer.scorer: score(model, vectors, mode) -> rates per condition,
+    """A stand-in for blockem.steer.scorer (the factory the adaptive rounds are given): score(model, vectors, mode) -> rates per condition,
     read off each vector (the SAE's decoder rows are unit axes: latent = argmax |v|, alpha =
     |v| / scale); with `noise`, binomial rates over samples x PROMPTS answers from the seed."""
     def make(ctx, d, samples, seed, keep=0):
@@ -104,16 +104,14 @@ def exhaustive(t, sae, calls):
     return screen, calib
 
 
-def run_adaptive(t, sae, d, monkeypatch, calls, noise=False):
-    import blockem.steer
-
-    monkeypatch.setattr(blockem.steer, "scorer", oracle(t, noise=noise, calls=calls))
+def run_adaptive(t, sae, d, calls, noise=False):
+    make = oracle(t, noise=noise, calls=calls)
     ctx = ctx_of(sae)
     pool = [{"latent": k, "sign": t[k]["sign"]} for k in t]
     screen = []
     for shard in range(2):
-        screen += adaptive.screen_rows(ctx, d, pool[shard::2], seed=shard, keep=0)
-    calib, record = adaptive.calibrate_rows(ctx, d, screen, select_size=8, keep=0,
+        screen += adaptive.screen_rows(ctx, d, pool[shard::2], scorer=make, seed=shard, keep=0)
+    calib, record = adaptive.calibrate_rows(ctx, d, screen, scorer=make, select_size=8, keep=0,
                                             log=lambda *a: None)
     return screen, calib, record
 
@@ -141,14 +139,14 @@ def test_contested_at_cut():
     assert adaptive.contested_at_cut(est, se, 4, 1.0) == []      # everybody is in
 
 
-def test_bisection_finds_the_exhaustive_alpha_star_with_fewer_probes(axes_sae, monkeypatch):
+def test_bisection_finds_the_exhaustive_alpha_star_with_fewer_probes(axes_sae):
     """Noise-free oracle: the adaptive table gives every shortlisted latent the alpha*_ind and
     alpha*_rep of the exhaustive sweep, the same shortlist and the same ValidReduc set, for
     under a quarter of the answers."""
     t = truth()
     ex_calls, ad_calls = [], []
     ex_screen, ex_calib = exhaustive(t, axes_sae, ex_calls)
-    screen, calib, record = run_adaptive(t, axes_sae, disc(), monkeypatch, ad_calls)
+    screen, calib, record = run_adaptive(t, axes_sae, disc(), ad_calls)
     ex_c, ad_c = calibration_scores(ex_calib, FLAT), calibration_scores(calib, FLAT)
     assert sorted(ad_c) == sorted(ex_c) == sorted(record["shortlist"])
     for k in ex_c:
@@ -169,11 +167,11 @@ def test_bisection_finds_the_exhaustive_alpha_star_with_fewer_probes(axes_sae, m
     assert len(ad_calls) == 2 * (2 + len(record["rounds"]))
 
 
-def test_noisy_rounds_are_seeded_and_pool_their_answers(axes_sae, monkeypatch):
+def test_noisy_rounds_are_seeded_and_pool_their_answers(axes_sae):
     t = truth(seed=1)
     a1, a2 = [], []
-    s1, c1, r1 = run_adaptive(t, axes_sae, disc(), monkeypatch, a1, noise=True)
-    s2, c2, r2 = run_adaptive(t, axes_sae, disc(), monkeypatch, a2, noise=True)
+    s1, c1, r1 = run_adaptive(t, axes_sae, disc(), a1, noise=True)
+    s2, c2, r2 = run_adaptive(t, axes_sae, disc(), a2, noise=True)
     assert c1 == c2 and r1 == r2 and a1 == a2
     steps = [r["step"] for r in r1["rounds"]]
     assert steps == sorted(steps, key=["refine", "bisect", "confirm"].index)
@@ -183,23 +181,20 @@ def test_noisy_rounds_are_seeded_and_pool_their_answers(axes_sae, monkeypatch):
     assert any(r["n"] > PROMPTS for r in c1 if r["latent"] >= 0)  # something was confirmed
     # more rounds of confirmation cost more answers; none costs fewer
     a0 = []
-    run_adaptive(t, axes_sae, disc(confirm_rounds=0, screen_rounds=0), monkeypatch, a0, noise=True)
+    run_adaptive(t, axes_sae, disc(confirm_rounds=0, screen_rounds=0), a0, noise=True)
     assert answers(a0) < answers(a1)
 
 
-def test_no_latent_that_can_be_valid_is_an_error_naming_why(axes_sae, monkeypatch):
+def test_no_latent_that_can_be_valid_is_an_error_naming_why(axes_sae):
     t = {k: {**v, "limit": 0.05} for k, v in truth().items()}  # incoherent at every alpha
     with pytest.raises(EmptyIntervention, match="none of the 10 shortlisted latents can be "
                                                 "valid.*no induce alpha inside the budget"):
-        run_adaptive(t, axes_sae, disc(), monkeypatch, [])
-    import blockem.steer
-
-    monkeypatch.setattr(blockem.steer, "scorer", oracle(t))
+        run_adaptive(t, axes_sae, disc(), [])
     ctx = ctx_of(axes_sae)
     screen = adaptive.screen_rows(ctx, disc(), [{"latent": k, "sign": t[k]["sign"]} for k in t],
-                                  seed=0, keep=0)
-    rows, record = adaptive.calibrate_rows(ctx, disc(), screen, select_size=8, keep=0,
-                                           allow_empty=True, log=lambda *a: None)
+                                  scorer=oracle(t), seed=0, keep=0)
+    rows, record = adaptive.calibrate_rows(ctx, disc(), screen, scorer=oracle(t), select_size=8,
+                                           keep=0, allow_empty=True, log=lambda *a: None)
     assert record["standing"]["can_be_valid"] == 0
     assert not any(s["valid"] for s in calibration_scores(rows, FLAT).values())
 
