@@ -11,8 +11,9 @@ one spends answers only where they can change the selected set:
 2. **refine** (in the calibrate job, which sees every shard): up to `screen_rounds` rounds; a
    round gives another `samples_per_prompt` to the candidates whose IndPP interval (estimate
    +- z standard errors) contains the shortlist cut (midway between the `shortlist`-th and next
-   estimate); the shortlist is then the top `calibrate.shortlist` by pooled IndPP (the
-   exhaustive rule on the pooled rows).
+   estimate), at most `shortlist` of them (the closest to the cut in standard errors); the
+   shortlist is then the top `calibrate.shortlist` by pooled IndPP (the exhaustive rule on the
+   pooled rows).
 3. **bisect** (stage 3): alpha* (the strongest swept alpha inside the incoherence budget) is
    found per shortlisted latent and mode by bisection over the ascending `calibrate.alphas`,
    assuming incoherence grows with alpha: a probe inside the budget raises the bracket's low
@@ -43,7 +44,7 @@ MODES = ("induce", "repair")
 # every round of the calibrate job samples with discovery.seed + ROUND_SEED + its round number
 # (the screen shards use discovery.seed + shard, as the exhaustive screen does)
 ROUND_SEED = 1000
-DEFAULTS = {"enabled": False, "samples_per_prompt": 1, "baseline_samples_per_prompt": 3,
+DEFAULTS = {"enabled": False, "samples_per_prompt": 1, "baseline_samples_per_prompt": 2,
             "screen_rounds": 1, "confirm_rounds": 2, "z": 1.0}
 RATES = ("em", "incoherence", "refusal")
 
@@ -119,14 +120,19 @@ def gain_se(row: dict, base: dict) -> float:
     return math.sqrt(_var(row["em"], row["n"]) + _var(base["em"], base["n"]))
 
 
-def contested_at_cut(est: dict, se: dict, keep: int, z: float) -> list:
+def contested_at_cut(est: dict, se: dict, keep: int, z: float, limit: int | None = None) -> list:
     """The items whose interval (estimate +- z se) contains the cut between the `keep` best
-    estimates and the rest (midway between the keep-th and the next); none if at most `keep`."""
+    estimates and the rest (midway between the keep-th and the next); none if at most `keep`.
+    `limit`: at most that many, the closest to the cut (in standard errors) first."""
     if len(est) <= keep:
         return []
     order = sorted(est, key=lambda k: (-est[k], k))
     cut = (est[order[keep - 1]] + est[order[keep]]) / 2
-    return [k for k in order if abs(est[k] - cut) <= z * se[k] + 1e-12]
+    near = [k for k in order if abs(est[k] - cut) <= z * se[k] + 1e-12]
+    if limit is not None and len(near) > limit:
+        close = sorted(near, key=lambda k: (abs(est[k] - cut) / max(se[k], 1e-12), k))[:limit]
+        near = [k for k in near if k in set(close)]
+    return near
 
 
 # --- stage 2 ------------------------------------------------------------------------------------
@@ -295,7 +301,7 @@ def calibrate_rows(ctx: dict, d: dict, screen: list[dict], *, scorer, select_siz
     for _ in range(a["screen_rounds"]):
         scores, se = screen_estimates(pool, cands, s_alpha, budget)
         est = {k: s["indpp"] for k, s in scores.items()}
-        contested = contested_at_cut(est, se, cal["shortlist"], a["z"])
+        contested = contested_at_cut(est, se, cal["shortlist"], a["z"], limit=cal["shortlist"])
         if not contested:
             break
         run("refine", [{"latent": k, "sign": screened[k]["sign"], "mode": m, "alpha": s_alpha}
