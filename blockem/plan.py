@@ -467,8 +467,10 @@ def render_table(plan: dict, markdown: bool = False, every_rule: bool = False) -
         lines = [fmt(head)] + [fmt(r) for r in rows]
     note = {"tokenizer": "judge prompt tokens counted with the policy model's tokenizer",
             "estimated": "judge prompt tokens estimated at 4 characters per token (no tokenizer "
-                         "on disk)", "none": "no LLM judge: the toy judge makes no request"}
+                         "on disk)", "none": "no LLM judge (judge.kind toy or none): no request"}
     lines.append("")
     lines.append("<= upper bound (sampling stops at end of turn; sequences shorter than "
                  "max_length); " + note[plan["judge_tokens"]])
+    lines.append("not counted: forward-only work (MC scoring, activations, SAE training, block "
+                 "caches, latent contexts)")
     return "\n".join(lines)
