@@ -71,8 +71,11 @@ def final_em(results: Path) -> dict:
     return out
 
 
-def measure(exhaustive: Path, adaptive: Path) -> dict:
+def measure(exhaustive: Path, adaptive: Path, reference: Path | None = None) -> dict:
+    """`reference`: optionally a second exhaustive run with another discovery.seed, the noise
+    floor of the set overlap and of the blocked EM."""
     ex_em, ad_em = final_em(exhaustive), final_em(adaptive)
+    ref_em = final_em(reference) if reference else None
     domains = sorted({k.name for k in (adaptive / "discovery").iterdir() if k.is_dir()})
     rows, tot = [], {"exhaustive": dict.fromkeys(FIELDS, 0), "adaptive": dict.fromkeys(FIELDS, 0)}
     for key in domains:
@@ -103,11 +106,18 @@ def measure(exhaustive: Path, adaptive: Path) -> dict:
             "em_random_exhaustive": mean(cell(ex_em, "random")),
             "em_random_adaptive": mean(cell(ad_em, "random")),
         })
+        if reference:
+            c = set(latent_set(reference, key))
+            rows[-1].update(set_reference=sorted(c), intersection_reference=len(a & c),
+                            jaccard_reference=round(len(a & c) / max(1, len(a | c)), 3),
+                            em_blockem_reference=mean(cell(ref_em, "blockem")),
+                            em_blockem_reference_seeds=cell(ref_em, "blockem"))
     ratio = tot["exhaustive"]["generated_tokens"] / max(1, tot["adaptive"]["generated_tokens"])
     seq_ratio = (tot["exhaustive"]["generated_sequences"]
                  / max(1, tot["adaptive"]["generated_sequences"]))
     return {KEY: round(ratio, 2), "sequence_ratio": round(seq_ratio, 2), "totals": tot,
-            "domains": rows, "exhaustive": str(exhaustive), "adaptive": str(adaptive)}
+            "domains": rows, "exhaustive": str(exhaustive), "adaptive": str(adaptive),
+            "reference": str(reference) if reference else None}
 
 
 def note(out: dict) -> str:
@@ -124,8 +134,11 @@ def note(out: dict) -> str:
 
 
 def table(out: dict) -> str:
+    ref = out.get("reference")
     lines = ["| domain | tokens ex | tokens ad | ratio | answers ex | answers ad | overlap | "
-             "Jaccard | EM sft | EM blockem ex | EM blockem ad |", "|---" * 11 + "|"]
+             "Jaccard | EM sft | EM blockem ex | EM blockem ad |"
+             + (" overlap ex/ex' | EM blockem ex' |" if ref else ""),
+             "|---" * (13 if ref else 11) + "|"]
     for r in out["domains"]:
         u = r["usage"]
         lines.append(
@@ -134,7 +147,10 @@ def table(out: dict) -> str:
             f"{u['exhaustive']['generated_sequences']} | {u['adaptive']['generated_sequences']} | "
             f"{r['intersection']}/{len(r['set_exhaustive'])} | {r['jaccard']} | {r['em_sft']} | "
             f"{r['em_blockem_exhaustive']} {r['em_blockem_exhaustive_seeds']} | "
-            f"{r['em_blockem_adaptive']} {r['em_blockem_adaptive_seeds']} |")
+            f"{r['em_blockem_adaptive']} {r['em_blockem_adaptive_seeds']} |"
+            + (f" {r['intersection_reference']}/{len(r['set_exhaustive'])} "
+               f"(J {r['jaccard_reference']}) | {r['em_blockem_reference']} "
+               f"{r['em_blockem_reference_seeds']} |" if ref else ""))
     return "\n".join(lines)
 
 
@@ -154,9 +170,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--exhaustive", type=Path, default=REPO / "results" / "toy-screen")
     ap.add_argument("--adaptive", type=Path, default=REPO / "results" / "toy-adaptive")
+    ap.add_argument("--reference", type=Path, help="a second exhaustive run (another "
+                    "discovery.seed): the noise floor of the overlap and the blocked EM")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
-    out = measure(args.exhaustive, args.adaptive)
+    out = measure(args.exhaustive, args.adaptive, args.reference)
     print(table(out))
     print(f"{KEY}: {out[KEY]} (answers: {out['sequence_ratio']})")
     if not args.no_write:
