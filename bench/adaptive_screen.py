@@ -12,7 +12,7 @@ seconds, so the ratio does not depend on the machine), the overlap of the two `v
 (mean over the block seeds) beside the sft cells'. Writes `adaptive_screen_token_ratio` (the
 exhaustive / adaptive generated tokens of stages 2-3, summed over the domains) into
 bench/results.json with a note, and the table into bench/results-detail.json
-(`adaptive_screen`), leaving every other key as it is.
+(`detail.adaptive_screen`), leaving every other key as it is.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def final_em(results: Path) -> dict:
         if r.get("k_size") is not None or r.get("epoch") is not None \
                 or r.get("latents_from") not in (None, r["domain"]):
             continue
-        out.setdefault((r["method"], r["domain"], r["lam"]), []).append(r["value"])
+        out.setdefault((r["method"], r["domain"], r["lam"]), []).append(round(r["value"], 4))
     return out
 
 
@@ -130,7 +130,7 @@ def note(out: dict) -> str:
             f"{t['exhaustive']['generated_sequences']} / {t['adaptive']['generated_sequences']} "
             f"answers (ratio {out['sequence_ratio']}), each answer judged once (toy judge: no "
             f"judge requests); per domain (set overlap, blocked final EM) in "
-            f"results-detail.json 'adaptive_screen'; bench/adaptive_screen.py")
+            f"results-detail.json detail.adaptive_screen; bench/adaptive_screen.py")
 
 
 def table(out: dict) -> str:
@@ -159,11 +159,11 @@ def write(out: dict) -> None:
     data = json.loads(res.read_text()) if res.exists() else {}
     data[KEY] = out[KEY]
     data.setdefault("machine", {}).setdefault("notes", {})[KEY] = note(out)
-    res.write_text(json.dumps(data, indent=1) + "\n")
+    res.write_text(json.dumps(data, indent=2) + "\n")  # as bench/run.py writes them
     det = BENCH / "results-detail.json"
     detail = json.loads(det.read_text()) if det.exists() else {}
-    detail["adaptive_screen"] = out
-    det.write_text(json.dumps(detail, indent=1) + "\n")
+    detail.setdefault("detail", {})["adaptive_screen"] = out
+    det.write_text(json.dumps(detail, indent=2, default=str) + "\n")
 
 
 def main(argv=None) -> int:
