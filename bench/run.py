@@ -358,15 +358,43 @@ def main(argv: list[str] | None = None) -> int:
     vals = values(detail)
     mach["notes"] = notes(detail, errors, set(selected))
     result = {**vals, "machine": mach}
+    detail_out = out.with_name(out.stem + "-detail.json")
+    kept = keep_foreign(out, detail_out, result, detail)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_name(out.stem + "-detail.json").write_text(
+    detail_out.write_text(
         json.dumps({"detail": detail, "errors": errors}, indent=2, default=str) + "\n")
+    if kept:
+        print(f"[bench] kept figures other scripts wrote: {', '.join(kept)}", file=sys.stderr)
     md = table(vals, mach["notes"], mach)
     print(md)
     if not args.no_readme and not args.quick and rewrite_readme(md):
         print(f"[bench] table written to {BENCH / 'README.md'}", file=sys.stderr)
     print(f"[bench] {out}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def keep_foreign(out: Path, detail_out: Path, result: dict, detail: dict) -> list[str]:
+    """Carry over the figures this script does not measure (written by another bench script,
+    e.g. `adaptive_screen_token_ratio` by bench/adaptive_screen.py): their values, their notes and
+    their detail entries, from the results files being replaced. Returns their keys."""
+    try:
+        old = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return []
+    kept = [k for k in old if k not in KEYS and k != "machine"]
+    for k in kept:
+        result[k] = old[k]
+        note = (old.get("machine") or {}).get("notes", {}).get(k)
+        if note is not None:
+            result["machine"]["notes"][k] = note
+    try:
+        old_detail = json.loads(detail_out.read_text()).get("detail", {})
+    except (OSError, ValueError, AttributeError):
+        old_detail = {}
+    for k, v in old_detail.items():
+        if k not in ORDER and k not in detail:
+            detail[k] = v
+    return kept
 
 
 def _git_describe() -> str | None:
