@@ -331,8 +331,8 @@ class Coster:
     def _adaptive(self, rule: str, wc: dict[str, str], pool: int) -> Counter:
         """discovery.adaptive (blockem/adaptive.py): the screen exactly (every candidate once, the
         baselines' copies); the calibration's rounds depend on the answers, so an upper bound:
-        every candidate refined each screen round, a full bisection of every shortlisted latent
-        and mode, every one confirmed each confirm round."""
+        `shortlist` candidates refined each screen round, a full bisection of every shortlisted
+        latent and mode, every one confirmed each confirm round."""
         import math
 
         from blockem import adaptive
@@ -346,7 +346,7 @@ class Coster:
             cal = d["calibrate"]
             short = min(cal["shortlist"], pool)
             probes = math.ceil(math.log2(len(cal["alphas"]) + 1))
-            conditions = 2 * (pool * a["screen_rounds"]
+            conditions = 2 * (short * a["screen_rounds"]  # refine: <= shortlist candidates
                               + short * (probes + a["confirm_rounds"]))
         return self._gen(self._core(wc["domain"]), a["samples_per_prompt"], conditions,
                          d["max_new_tokens"])

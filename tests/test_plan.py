@@ -143,3 +143,23 @@ def test_profile_gives_gpu_hours(tmp_path):
     p.write_text("train_tokens_per_sec: 10\n")
     with pytest.raises(PlanError, match="unknown key"):
         load_profile(p)
+
+
+def test_adaptive_screen_costs():
+    """discovery.adaptive: the screen is every candidate once with its samples (+ the unsteered
+    copies), exactly; the calibration an upper bound below the exhaustive sweep's."""
+    from blockem import adaptive
+
+    cfg = load_config(DEFAULT, REPO / "config" / "toy-adaptive.yaml")
+    c, d = Coster(cfg), cfg["discovery"]
+    a = adaptive.settings(d["adaptive"])
+    core = len(c._core("finance"))
+    shard0 = len(range(0, 2 * d["candidates_per_sign"], d["screen"]["shards"]))
+    screen = c.cost("screen", {"domain": "finance", "seed": "0", "shard": "0"})
+    assert screen["generated_sequences"] == (
+        2 * (adaptive.baseline_copies(a) + shard0) * core * a["samples_per_prompt"])
+    cal = c.cost("calibrate", {"domain": "finance", "seed": "0"})["generated_sequences"]
+    exhaustive = copy.deepcopy(cfg)
+    exhaustive["discovery"]["adaptive"]["enabled"] = False
+    assert 0 < cal < Coster(exhaustive).cost("calibrate", {"domain": "finance", "seed": "0"})[
+        "generated_sequences"] / 2
