@@ -322,11 +322,18 @@ def test_slurm_test_profile_polls_with_squeue(shared, request, tmp_path):
     t0 = time.monotonic()
     proc = slurm_snakemake(on_slurm, PROFILE, configfiles=shared.configs, env=env)
     cancelled: list[str] = []
+    seen: list[dict] = []  # `blockem status --json` while that job was in the queue
 
     def cancel_first_pretrain(jobs):  # the first pretrain job, pending or running: cancel it
         if not cancelled:
             for job_id, comment, state in jobs:
                 if comment == "rule_pretrain" and state in ("PENDING", "RUNNING"):
+                    st = subprocess.run(
+                        [sys.executable, "-m", "blockem", "status", "--json", "--directory",
+                         str(on_slurm), "--configfile", *map(str, shared.configs)],
+                        capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+                    seen.append({"job_id": job_id, "rc": st.returncode, "out": st.stdout,
+                                 "err": st.stderr})
                     subprocess.run(["scancel", job_id], check=True, timeout=30)
                     cancelled.append(job_id)
 
@@ -369,6 +376,13 @@ def test_slurm_test_profile_polls_with_squeue(shared, request, tmp_path):
     assert (first["MinMemoryNode"], first["TimeLimit"]) == ("4000M", "01:00:00"), first
     assert (retry["MinMemoryNode"], retry["TimeLimit"]) == ("8000M", "02:00:00"), retry
     assert f"SLURM-job '{cancelled[0]}' failed, SLURM status is: 'CANCELLED'" in log
+    # `blockem status` saw that job in the queue: running, with its SLURM id and squeue's state
+    assert seen and seen[0]["rc"] == 0, seen
+    import json
+
+    pretrain = [j for j in json.loads(seen[0]["out"])["jobs"] if j["rule"] == "pretrain"]
+    assert [(j["state"], j["slurm_jobid"]) for j in pretrain] == [("running", cancelled[0])], seen
+    assert pretrain[0]["slurm_state"] in ("PENDING", "RUNNING"), pretrain
 
     # the same table as the local run
     a, b = read_summary(on_slurm), read_summary(shared.local)
