@@ -53,7 +53,7 @@ def cmd_plan(args) -> None:
         if not n.isdigit():
             raise ValueError(f"--prompts {item!r}: expected EVAL_SET=N, e.g. core=44")
         assume[name] = int(n)
-    plan = make_plan(args.configfile, args.directory, assume, args.profile)
+    plan = make_plan(args.configfile, args.directory, assume, args.profile, args.remaining)
     print(json.dumps(plan, indent=2) if args.json
           else render_table(plan, args.markdown, args.all_rules))
 
@@ -387,6 +387,8 @@ def parser() -> argparse.ArgumentParser:
                     "generate_tokens_per_s, judge_prompt_tokens_per_s, judge_gpus): GPU-hours")
     sp.add_argument("--prompts", nargs="*", metavar="SET=N",
                     help="prompt counts of eval sets whose files are not here, e.g. core=44")
+    sp.add_argument("--remaining", action="store_true",
+                    help="only the jobs Snakemake would run now (default: the whole run)")
     sp.add_argument("--markdown", action="store_true", help="a markdown table")
     sp.add_argument("--all-rules", action="store_true",
                     help="a row for every rule (default: rules that cost nothing in one row)")

@@ -107,9 +107,10 @@ def placeholder_overlay(cfg: dict, tmp: Path) -> dict | None:
 
 
 def dag_jobs(configfiles: list[str], cfg: dict, directory: str | Path = ".",
-             snakefile: Path = SNAKEFILE) -> list[tuple[str, dict[str, str]]]:
-    """Every job of the workflow as Snakemake plans it (rule, wildcards): its DAG, built in
-    process and run nowhere (`blockem.status.workflow_jobs`, which `status` reads too)."""
+             snakefile: Path = SNAKEFILE) -> list[tuple[str, dict[str, str], bool]]:
+    """Every job of the workflow as Snakemake plans it (rule, wildcards, whether it would run
+    now): its DAG, built in process and run nowhere (`blockem.status.workflow_jobs`, which
+    `status` reads too)."""
     from blockem.status import workflow_jobs
 
     with tempfile.TemporaryDirectory(prefix="blockem-plan-") as tmp:
@@ -122,7 +123,7 @@ def dag_jobs(configfiles: list[str], cfg: dict, directory: str | Path = ".",
             jobs = workflow_jobs(Path(directory).resolve(), files, snakefile)
         except ValueError as e:
             raise PlanError(str(e)) from None
-    return [(j.rule, j.wildcards) for j in jobs]
+    return [(j.rule, j.wildcards, j.outdated) for j in jobs]
 
 
 # --- the prompts ------------------------------------------------------------------------------
@@ -387,8 +388,10 @@ def gpu_hours(c: Counter, prof: dict) -> float | None:
 
 
 def make_plan(configfiles: list[str], directory: str | Path = ".",
-              assume: dict[str, int] | None = None, profile: str | Path | None = None) -> dict:
-    """{rules: {rule: {jobs, COLUMNS..., gpu_hours}}, total, judge_tokens: how counted}."""
+              assume: dict[str, int] | None = None, profile: str | Path | None = None,
+              remaining: bool = False) -> dict:
+    """{rules: {rule: {jobs, COLUMNS..., gpu_hours}}, total, judge_tokens: how counted}: of the
+    whole run, or with `remaining` of the jobs Snakemake would run now (what is left to pay)."""
     import os
 
     from blockem.config import DEFAULT_CONFIG, load_config
@@ -404,7 +407,9 @@ def make_plan(configfiles: list[str], directory: str | Path = ".",
     finally:
         os.chdir(here)
     rules: dict[str, Counter] = {}
-    for rule, wc in jobs:
+    for rule, wc, needrun in jobs:
+        if remaining and not needrun:
+            continue
         c = rules.setdefault(rule, Counter(jobs=0))
         c["jobs"] += 1
         c.update(coster.cost(rule, wc))
@@ -413,7 +418,7 @@ def make_plan(configfiles: list[str], directory: str | Path = ".",
         total.update(c)
     out = {"rules": {r: {k: int(c.get(k, 0)) for k in ("jobs", *COLUMNS)} for r, c in rules.items()},
            "total": {k: int(total.get(k, 0)) for k in ("jobs", *COLUMNS)},
-           "judge_tokens": coster.judge.how, "config": configfiles}
+           "judge_tokens": coster.judge.how, "config": configfiles, "remaining": remaining}
     if prof is not None:
         for r, c in rules.items():
             out["rules"][r]["gpu_hours"] = gpu_hours(c, prof)
@@ -469,6 +474,8 @@ def render_table(plan: dict, markdown: bool = False, every_rule: bool = False) -
             "estimated": "judge prompt tokens estimated at 4 characters per token (no tokenizer "
                          "on disk)", "none": "no LLM judge (judge.kind toy or none): no request"}
     lines.append("")
+    if plan.get("remaining"):
+        lines.append("only the jobs Snakemake would run now (--remaining)")
     lines.append("<= upper bound (sampling stops at end of turn; sequences shorter than "
                  "max_length); " + note[plan["judge_tokens"]])
     lines.append("not counted: forward-only work (MC scoring, activations, SAE training, block "

@@ -163,3 +163,11 @@ def test_adaptive_screen_costs():
     exhaustive["discovery"]["adaptive"]["enabled"] = False
     assert 0 < cal < Coster(exhaustive).cost("calibrate", {"domain": "finance", "seed": "0"})[
         "generated_sequences"] / 2
+
+
+def test_remaining_of_a_fresh_directory_is_the_whole_run(tmp_path):
+    whole = make_plan([], directory=tmp_path)
+    left = make_plan([], directory=tmp_path, remaining=True)
+    assert left["rules"] == whole["rules"] and left["total"]["jobs"] > 40
+    assert "only the jobs Snakemake would run now" in render_table(left)
+    assert not (tmp_path / "results").exists()  # planning writes nothing
