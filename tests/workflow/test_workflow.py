@@ -139,6 +139,8 @@ def test_plan_matches_what_the_run_did(smoke_run):
     assert plan["rules"]["generate"]["generated_sequences"] == 8 * 168  # 8 cells x 168 prompts
     for rule in set(plan["rules"]) - set(ran):  # every other rule consumes none of it
         assert not any(plan["rules"][rule][k] for k in COLUMNS), rule
+    left = make_plan([str(SMOKE), str(SPACED)], directory=smoke_run, remaining=True)
+    assert left["total"]["jobs"] == 0 and not left["rules"]  # the run is complete
 
 
 def test_second_run_does_nothing(smoke_run):
