@@ -171,3 +171,15 @@ def test_remaining_of_a_fresh_directory_is_the_whole_run(tmp_path):
     assert left["rules"] == whole["rules"] and left["total"]["jobs"] > 40
     assert "only the jobs Snakemake would run now" in render_table(left)
     assert not (tmp_path / "results").exists()  # planning writes nothing
+
+
+def test_plan_with_a_profile_has_gpu_hours_per_rule_and_in_total(tmp_path):
+    p = tmp_path / "gpu.yaml"
+    p.write_text("train_tokens_per_s: 20000\ngenerate_tokens_per_s: 5000\n")
+    plan = make_plan([], directory=tmp_path, profile=p)
+    r = plan["rules"]
+    assert r["finetune"]["gpu_hours"] == pytest.approx(r["finetune"]["trained_tokens"] / 20000 / 3600)
+    assert r["generate"]["gpu_hours"] == pytest.approx(r["generate"]["generated_tokens"] / 5000 / 3600)
+    assert r["summary"]["gpu_hours"] == 0
+    assert plan["total"]["gpu_hours"] == pytest.approx(sum(v["gpu_hours"] for v in r.values()))
+    assert "GPU-h <=" in render_table(plan)
