@@ -612,9 +612,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from blockem.errors import ConfigError
 
-    from blockem import usage
+    from blockem import progress, usage
 
     try:
+        progress.file_interval()  # a bad BLOCKEM_PROGRESS_INTERVAL: one line, before any work
         args.fn(args)
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -39,6 +39,7 @@ latents only (so `indpp`, an extra rule, ranks round-1 estimates).
 from __future__ import annotations
 
 import math
+import sys
 
 MODES = ("induce", "repair")
 # every round of the calibrate job samples with discovery.seed + ROUND_SEED + its round number
@@ -261,8 +262,26 @@ def screen_rows(ctx: dict, d: dict, pool_latents: list[dict], *, scorer, seed: i
                    baseline=baseline_copies(a))
 
 
+def check_screen(screen: list[dict]) -> float:
+    """The screen tables an adaptive calibration starts from: an unsteered row for both modes,
+    one screen alpha, at least one candidate. Returns that alpha (checked before any model load)."""
+    from blockem.errors import EmptyIntervention
+
+    modes = {r["mode"] for r in screen if r["latent"] < 0}
+    if modes != set(MODES):
+        raise ValueError("adaptive calibration: the screen tables have no unsteered row for "
+                         f"{sorted(set(MODES) - modes)}")
+    s_alpha = sorted({float(r["alpha"]) for r in screen if r["latent"] >= 0})
+    if not s_alpha:
+        raise EmptyIntervention("adaptive calibration: the screen tables hold no candidate")
+    if len(s_alpha) != 1:
+        raise ValueError(f"adaptive calibration: the screen tables hold alphas {s_alpha}, "
+                         f"expected the one screen alpha")
+    return s_alpha[0]
+
+
 def calibrate_rows(ctx: dict, d: dict, screen: list[dict], *, scorer, select_size: int,
-                   keep: int, allow_empty: bool = False, log=print):
+                   keep: int, allow_empty: bool = False, log=None):
     """Stage 3, adaptive (steps 2-4 of the module docstring), from the shards' round-1 rows;
     `scorer` as in `screen_rows`. Returns (calibration rows, a record of the rounds for the
     provenance)."""
@@ -272,19 +291,15 @@ def calibrate_rows(ctx: dict, d: dict, screen: list[dict], *, scorer, select_siz
     cal = d["calibrate"]
     budget = d["incoherence_budget"]
     alphas = sorted(float(x) for x in cal["alphas"])
+    if log is None:
+        def log(msg: str) -> None:  # stderr, flushed: in order with the progress lines
+            print(f"[calibrate] {msg}", file=sys.stderr, flush=True)
+    s_alpha = check_screen(screen)
     pool = Pool(screen)
-    if set(pool.baselines()) != set(MODES):
-        raise ValueError("adaptive calibration: the screen tables have no unsteered row for "
-                         f"{sorted(set(MODES) - set(pool.baselines()))}")
     screened = {}
     for r in screen:
         if r["latent"] >= 0:
             screened.setdefault(int(r["latent"]), {"latent": int(r["latent"]), "sign": r["sign"]})
-    s_alpha = sorted({float(r["alpha"]) for r in screen if r["latent"] >= 0})
-    if len(s_alpha) != 1:
-        raise ValueError(f"adaptive calibration: the screen tables hold alphas {s_alpha}, "
-                         f"expected the one screen alpha")
-    s_alpha = s_alpha[0]
     cands = sorted(screened.values(), key=lambda k: k["latent"])
     record = {"rounds": []}
 
@@ -327,6 +342,16 @@ def calibrate_rows(ctx: dict, d: dict, screen: list[dict], *, scorer, select_siz
             break
         run("confirm", conds)
     record["standing"] = standing
+    # confirmation pools more answers at alpha*, on the budget's edge: when that moves a pooled
+    # incoherence across the budget, the bracket reopens and the table's alpha* falls back to the
+    # next lower measured alpha (not re-bisected); say so rather than let it pass unseen
+    reopened = sorted({(p["latent"], p["mode"])
+                       for p in next_probes(pool, latents, alphas, budget)})
+    record["reopened"] = [{"latent": k, "mode": m} for k, m in reopened]
+    if reopened:
+        log(f"{len(reopened)} alpha* bracket(s) reopened by the confirmation answers (alpha* "
+            f"falls back to the next lower measured alpha): "
+            + ", ".join(f"{k}/{m}" for k, m in reopened))
     if not standing["can_be_valid"]:
         why = "; ".join(f"{n} {w}" for w, n in standing["cannot"].items() if n)
         msg = (f"adaptive calibration: none of the {standing['shortlisted']} shortlisted latents "

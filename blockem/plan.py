@@ -1,7 +1,8 @@
 """`python -m blockem plan`: what a run will cost, before it runs.
 
 The jobs are Snakemake's own: its DAG of the whole workflow (built in process as `snakemake
---summary` builds it, by `blockem.status.workflow_jobs`; nothing runs, nothing is written, done
+--summary` builds it, by `blockem.status.workflow_jobs`; nothing runs and no result is written
+(Snakemake may create its `.snakemake/` folder), done
 jobs count too) with the same config files, in the directory the workflow would run in. Local data files that are missing (a cluster's data not copied to the laptop yet)
 are replaced by empty placeholders for the dry run only, so the DAG is built from the config
 alone. Each job's cost is then read from the settings of its rule, in units that do not depend
@@ -18,7 +19,9 @@ on the machine (the columns of `blockem.usage`, which every job prints at the en
   candidate pool (and so shortlist) can come out smaller than `candidates_per_sign` x 2, and whose
   joint step is skipped for an empty set. Judge prompt tokens are counted with the policy model's
   tokenizer when one is on disk (a judge's own tokenizer differs by a few %), else estimated at 4
-  characters per token (`estimated`). The toy judge is exact and makes no request.
+  characters per token (`estimated`), once per request: retries and re-asks of unparseable
+  answers come on top (the endpoint's count, in the usage line, includes them). The toy judge is
+  exact and makes no request.
 
 Prompt counts come from the toy world (the toy), from `<results>/world/prompts.parquet` when
 prepare_data has run, else from the prompt files (before de-duplication: an upper bound);
@@ -111,7 +114,7 @@ def dag_jobs(configfiles: list[str], cfg: dict, directory: str | Path = ".",
     """Every job of the workflow as Snakemake plans it (rule, wildcards, whether it would run
     now): its DAG, built in process and run nowhere (`blockem.status.workflow_jobs`, which
     `status` reads too)."""
-    from blockem.status import workflow_jobs
+    from blockem.status import started_outputs, workflow_jobs
 
     with tempfile.TemporaryDirectory(prefix="blockem-plan-") as tmp:
         files = [Path(f).resolve() for f in configfiles]
@@ -123,7 +126,10 @@ def dag_jobs(configfiles: list[str], cfg: dict, directory: str | Path = ".",
             jobs = workflow_jobs(Path(directory).resolve(), files, snakefile)
         except ValueError as e:
             raise PlanError(str(e)) from None
-    return [(j.rule, j.wildcards, j.outdated) for j in jobs]
+    # a job Snakemake marked started and never finished is redone (--rerun-incomplete)
+    started = started_outputs(Path(directory) / ".snakemake")
+    return [(j.rule, j.wildcards, j.outdated or any(o in started for o in j.outputs))
+            for j in jobs]
 
 
 # --- the prompts ------------------------------------------------------------------------------
@@ -403,6 +409,10 @@ def make_plan(configfiles: list[str], directory: str | Path = ".",
     try:
         cfg = copy.deepcopy(load_config(str(DEFAULT_CONFIG), *configfiles))
         coster = Coster(cfg, assume)  # inputs (prompt files, templates) before the dry run
+        missing = [s["path"] for s in _sources(cfg) if not Path(s["path"]).exists()]
+        if remaining and missing:  # placeholders would make every job look out of date
+            raise PlanError(f"{missing[0]}: data file not found; --remaining needs the run's "
+                            f"data files (without --remaining the whole run is planned)")
         jobs = dag_jobs(configfiles, cfg, ".")
     finally:
         os.chdir(here)

@@ -205,19 +205,37 @@ def error_blocks(meta: Path) -> dict[str, dict]:
     return out
 
 
-def last_error(log: Path) -> str | None:
-    """The line of a job log that says what went wrong: its last `error` line (`blockem <stage>:
-    error: ...`, an exception), else its last line (the `[usage]` line skipped)."""
+ERROR_WORDS = re.compile(r"error|exception|killed|cancelled|oom|out of memory|traceback|stopped",
+                         re.IGNORECASE)
+
+
+def error_line(log: Path) -> str | None:
+    """The log's last line that says something went wrong, or None (a finished job's log)."""
     try:
         with log.open("rb") as f:
             f.seek(max(0, log.stat().st_size - 64_000))
             lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
     except OSError:
         return None
-    lines = [ln for ln in lines if ln and not ln.startswith("[usage]")]
     for ln in reversed(lines):
-        if re.search(r"error|exception|killed|cancelled|oom|out of memory", ln, re.IGNORECASE):
+        if ln and not ln.startswith("[usage]") and ERROR_WORDS.search(ln):
             return ln
+    return None
+
+
+def last_error(log: Path) -> str | None:
+    """The line of a job log that says what went wrong (`error_line`: `blockem <stage>: error:
+    ...`, an exception), else its last line (the `[usage]` line skipped)."""
+    found = error_line(log)
+    if found is not None:
+        return found
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, log.stat().st_size - 4_000))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return None
+    lines = [ln for ln in lines if ln and not ln.startswith("[usage]")]
     return lines[-1] if lines else None
 
 
@@ -285,8 +303,12 @@ def job_states(directory: Path, jobs: list[Job]) -> list[Job]:
         else:
             ran = [lg for lg in job.logs if exists(lg)]
             blocks = [errors[o] for o in job.outputs if o in errors]
-            if not ran and not blocks:
+            said = [e for e in (error_line(directory / lg) for lg in ran) if e]
+            if not said and not blocks:  # no log, or the log of an earlier run that went well
                 job.state = "missing"
+                if ran:
+                    job.notes.append(f"outputs missing; {ran[0]} is from an earlier run that "
+                                     "reported no error")
                 continue
             job.state = "failed"
             for lg in ran:
@@ -313,6 +335,8 @@ def status(directory: str | Path = ".", configfiles=(), snakefile: str | Path | 
            ) -> dict:
     """The state of every job: {"directory", "jobs": [...], "rules": {rule: {state: n}}}."""
     directory = Path(directory).resolve()
+    if not directory.is_dir():  # Snakemake would create it, and report every job missing
+        raise FileNotFoundError(f"{directory}: no such directory (--directory)")
     if snakefile is None:
         snakefile = Path("Snakefile") if Path("Snakefile").exists() else REPO / "Snakefile"
     snakefile = Path(snakefile).resolve()

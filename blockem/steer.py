@@ -166,6 +166,7 @@ def calibrate_stage(shift_path: Path, screen_paths: list[Path], base_dir, mis_di
     cal = d["calibrate"]
     if adaptive.enabled(d):  # refine, bisect alpha*, confirm (blockem/adaptive.py)
         screen = read_rows(screen_paths)
+        adaptive.check_screen(screen)  # the inputs, before any model load
         ctx = load_discovery(settings, base_dir, mis_dir, sae_dir, prompts_path, threads,
                              judge_cache=judge_cache, mc=mc)
         rows, record = adaptive.calibrate_rows(

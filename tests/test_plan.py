@@ -118,6 +118,8 @@ def test_paper_preset_plans_without_its_data_files():
     json.dumps(plan)  # --json
     with pytest.raises(PlanError, match="--prompts core=N"):
         make_plan([str(PAPER)], directory=REPO)
+    with pytest.raises(PlanError, match="--remaining needs the run's data files"):
+        make_plan([str(PAPER)], directory=REPO, assume={"core": 44, "final": 29}, remaining=True)
 
 
 def test_prompt_counts_stand_in_only_for_eval_sets():

@@ -201,6 +201,9 @@ def score_rows(rows: list[dict], js: dict, cache_path: str | Path | None = None,
                 results, use = judge_requests(
                     ep, requests, cache, progress=lambda done, _, b=bar: b.update(done - b.n),
                     identity=identities[ep.name])
+            # what was paid for counts, whether or not every call succeeded
+            job_usage.add(judge_requests=len(requests), judge_calls=use.calls,
+                          judge_prompt_tokens=use.prompt_tokens)
             failed = [res for res in results if res.status == "failed"]
             if failed:
                 raise RuntimeError(
@@ -216,8 +219,6 @@ def score_rows(rows: list[dict], js: dict, cache_path: str | Path | None = None,
                                  else bool(s["adherence"] > t["adherence"]))
             out[ep.name] = scores
             usage[ep.name] = {"model": ep.model, "protocol": ep.protocol, **use.as_dict()}
-            job_usage.add(judge_requests=len(requests), judge_calls=use.calls,
-                          judge_prompt_tokens=use.prompt_tokens)
             print(f"[{name}] {ep.name}: {use.as_dict()}", file=sys.stderr, flush=True)
     finally:
         cache.close()

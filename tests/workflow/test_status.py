@@ -107,3 +107,17 @@ def test_status_names_a_broken_config(tmp_path):
                        cwd=REPO, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("blockem status: error:"), r.stderr
     assert "'block.grid'" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_missing_directory_is_an_error_and_an_old_clean_log_is_not_a_failure(tmp_path):
+    r = status(tmp_path / "typo")
+    assert r.returncode == 2 and "no such directory (--directory)" in r.stderr, r.stderr
+    assert not (tmp_path / "typo").exists()  # nothing made where the typo points
+    work = tmp_path / "work"
+    log = work / "results" / "logs" / "world.log"
+    log.parent.mkdir(parents=True)  # outputs deleted after a run that went well: to redo
+    log.write_text('[world] done\n[usage] {"stage": "world"}\n')
+    r = status(work, "--json")
+    world = [j for j in json.loads(r.stdout)["jobs"] if j["rule"] == "world"]
+    assert r.returncode == 0 and [j["state"] for j in world] == ["missing"], r.stdout[-2000:]
+    assert "earlier run" in world[0]["notes"][0]
