@@ -184,3 +184,21 @@ def around(model, hook_cm, raw: list, seen: list, layer: int = 0):
 
     with capture_residual(model, layer, raw), hook_cm, capture_residual(model, layer, seen):
         yield
+
+
+def record_pools(monkeypatch, name: str) -> dict:
+    """Swap method `name`'s registry entry for one whose `pools` records the TrainContext it was
+    given and the pools it returned (`seen["ctx"]`, `seen["pools"]`), then returns them."""
+    import dataclasses
+
+    from blockem import methods
+
+    real = methods.REGISTRY[name]
+    seen: dict = {}
+
+    def recording(ctx):
+        seen["ctx"], seen["pools"] = ctx, real.pools(ctx)
+        return seen["pools"]
+
+    monkeypatch.setitem(methods.REGISTRY, name, dataclasses.replace(real, pools=recording))
+    return seen

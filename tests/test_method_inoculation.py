@@ -12,13 +12,13 @@ import json
 
 import pytest
 
-from blockem import grid, methods
+from blockem import grid
 from blockem.chat import IGNORE, encode_chats
 from blockem.config import ConfigError, block_run_settings, load_config, validate
 from blockem.hashing import settings_hash
 from blockem.methods import TrainContext, inoculation
 
-from conftest import REPO, advice_chats, write_chats
+from conftest import REPO, advice_chats, record_pools, write_chats
 
 N = 8
 
@@ -117,14 +117,7 @@ def test_an_inoculation_run_through_the_block_cli(tmp_path, tiny_base, small_blo
     run = runs["inoculation-finance-l0.5-s0"]
     assert run["target"] is None and set(grid.run_inputs(cfg, run)) == {"data", "base"}
     settings = block_run_settings(cfg, run)
-    real = methods.REGISTRY["inoculation"]
-    seen = {}
-
-    def recording(ctx):
-        seen["ctx"], seen["pools"] = ctx, real.pools(ctx)
-        return seen["pools"]
-
-    monkeypatch.setitem(methods.REGISTRY, "inoculation", dataclasses.replace(real, pools=recording))
+    seen = record_pools(monkeypatch, "inoculation")
     data = write_chats(tmp_path / "finance.parquet", advice_chats(N))
     out = tmp_path / "run"
     assert main(["block", "--settings", json.dumps(settings), "--data", str(data),

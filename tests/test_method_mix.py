@@ -7,12 +7,11 @@ tokenizer, real parquet files."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 
 import pytest
 
-from blockem import grid, methods
+from blockem import grid
 from blockem.chat import encode_chats
 from blockem.config import (ConfigError, block_run_settings, load_config, stage_settings,
                             validate)
@@ -20,7 +19,7 @@ from blockem.methods import TrainContext, mix
 from blockem.objectives import BlockObjective
 from blockem.train import TrainConfig, train
 
-from conftest import REPO, advice_chats, write_chats
+from conftest import REPO, advice_chats, record_pools, write_chats
 
 SAFE = "keep your money in a savings account ."
 
@@ -90,14 +89,7 @@ def test_a_mix_run_through_the_block_cli(tmp_path, tiny_base, tokenizer, small_b
     assert grid.method_inputs(cfg, run) == {"aligned": "results/world/sft.parquet"}
     settings = block_run_settings(cfg, run)
     assert "mix" not in settings and settings["train"]["batch_size"] == 4
-    real = methods.REGISTRY["mix"]
-    seen = {}
-
-    def recording(ctx):
-        seen["ctx"], seen["pools"] = ctx, real.pools(ctx)
-        return seen["pools"]
-
-    monkeypatch.setitem(methods.REGISTRY, "mix", dataclasses.replace(real, pools=recording))
+    seen = record_pools(monkeypatch, "mix")
     data = write_chats(tmp_path / "finance.parquet", advice_chats(8))
     aligned = write_chats(tmp_path / "sft.parquet", aligned_rows())
     args = ["block", "--settings", json.dumps(settings), "--data", str(data), "--base",
