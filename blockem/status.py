@@ -209,34 +209,30 @@ ERROR_WORDS = re.compile(r"error|exception|killed|cancelled|oom|out of memory|tr
                          re.IGNORECASE)
 
 
-def error_line(log: Path) -> str | None:
-    """The log's last line that says something went wrong, or None (a finished job's log)."""
+def _tail(log: Path, size: int = 64_000) -> list[str] | None:
+    """The non-empty lines of the last `size` bytes of a log, its `[usage]` line left out (None:
+    the log cannot be read)."""
     try:
         with log.open("rb") as f:
-            f.seek(max(0, log.stat().st_size - 64_000))
+            f.seek(max(0, log.stat().st_size - size))
             lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
     except OSError:
         return None
-    for ln in reversed(lines):
-        if ln and not ln.startswith("[usage]") and ERROR_WORDS.search(ln):
-            return ln
-    return None
+    return [ln for ln in lines if ln and not ln.startswith("[usage]")]
+
+
+def error_line(log: Path) -> str | None:
+    """The log's last line that says something went wrong, or None (a finished job's log)."""
+    return next((ln for ln in reversed(_tail(log) or []) if ERROR_WORDS.search(ln)), None)
 
 
 def last_error(log: Path) -> str | None:
     """The line of a job log that says what went wrong (`error_line`: `blockem <stage>: error:
     ...`, an exception), else its last line (the `[usage]` line skipped)."""
-    found = error_line(log)
-    if found is not None:
-        return found
-    try:
-        with log.open("rb") as f:
-            f.seek(max(0, log.stat().st_size - 4_000))
-            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
-    except OSError:
+    lines = _tail(log)
+    if not lines:
         return None
-    lines = [ln for ln in lines if ln and not ln.startswith("[usage]")]
-    return lines[-1] if lines else None
+    return next((ln for ln in reversed(lines) if ERROR_WORDS.search(ln)), lines[-1])
 
 
 def slurm_log(meta: Path, job: Job, jobid: str | None = None) -> str | None:
